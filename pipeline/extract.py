@@ -1,0 +1,276 @@
+"""Extract: page ``GET /api/calls/{id}/stages`` for many calls at once, with retries.
+
+Flow control, outermost first:
+
+* ``settings.concurrency`` worker tasks each take the next call ID and page it.
+* :class:`RateLimiter` spaces requests to at most ``max_rps`` per second (Ultravox
+  allows 200/s per key; the default stays below it).
+* :class:`AdaptiveLimit` bounds requests in flight, AIMD-style: it grows by one per
+  success until the first 429 (slow start), then by one per window of successes, and
+  halves on a 429 (at most once per cool-down, never below 1).
+* Each request is retried by tenacity under the one policy in :mod:`pipeline.http`.
+
+401/403 stops everything at once: no new request is started after it is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import tenacity
+
+from pipeline.config import Settings
+from pipeline.errors import (
+    AuthError,
+    CallError,
+    OriginError,
+    PaginationError,
+    TransientError,
+    UnreachableError,
+)
+from pipeline.http import (
+    WaitPolicy,
+    build_client,
+    check_base_url,
+    classify,
+    decode_json,
+    describe,
+    is_transient,
+    origin,
+    read_body,
+    safe_url,
+)
+from pipeline.records import CallFetch, utcnow
+
+
+class RunAborted(Exception):
+    """Raised inside workers once the run is stopping (auth failure)."""
+
+
+class RateLimiter:
+    """Token bucket with a small burst: start times spaced 1/rps apart."""
+
+    def __init__(self, rps: float, burst: int = 8):
+        self.interval = 1.0 / rps
+        self.burst = burst
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now - self.burst * self.interval)
+            self._next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class AdaptiveLimit:
+    """AIMD bound on requests in flight (see module docstring)."""
+
+    def __init__(self, maximum: int, initial: int = 4, cooldown_seconds: float = 1.0):
+        self.maximum = maximum
+        self.limit = min(initial, maximum)
+        self.cooldown = cooldown_seconds
+        self.in_flight = 0
+        self.peak = 0
+        self.cuts = 0
+        self._slow_start = True
+        self._successes = 0
+        self._last_cut = -1e9
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+
+    async def release(self, throttled: bool) -> None:
+        async with self._cond:
+            self.in_flight -= 1
+            if throttled:
+                self._slow_start = False
+                now = time.monotonic()
+                if now - self._last_cut >= self.cooldown:
+                    self.limit = max(1, self.limit // 2)
+                    self._last_cut = now
+                    self._successes = 0
+                    self.cuts += 1
+            else:
+                self._successes += 1
+                if self._slow_start or self._successes >= self.limit:
+                    self.limit = min(self.maximum, self.limit + 1)
+                    self._successes = 0
+            self._cond.notify_all()
+
+
+@dataclass
+class ExtractStats:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    answered: int = 0  # responses received at all (any status)
+
+
+@dataclass
+class Extractor:
+    settings: Settings
+    client: httpx.AsyncClient
+    base_url: httpx.URL
+    stats: ExtractStats = field(default_factory=ExtractStats)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.origin = origin(self.base_url)
+        self.rate = RateLimiter(self.settings.max_rps)
+        self.limit = AdaptiveLimit(self.settings.concurrency)
+
+    def first_page_url(self, call_id: str) -> str:
+        base = str(self.base_url).rstrip("/")
+        return f"{base}/api/calls/{call_id}/stages?pageSize={self.settings.page_size}"
+
+    async def _request(self, url: str, fetch: CallFetch) -> tuple[str, Any]:
+        if self.stopping:
+            raise RunAborted()
+        await self.rate.acquire()
+        await self.limit.acquire()
+        throttled = False
+        try:
+            if self.stopping:
+                raise RunAborted()
+            self.stats.requests += 1
+            fetch.requests += 1
+            async with self.client.stream("GET", url) as response:
+                self.stats.answered += 1
+                body = await read_body(response, self.settings.max_response_bytes)
+            kind = classify(response.status_code, response.headers, body, url, self.settings)
+            if kind == "not_found":
+                return kind, None
+            return kind, decode_json(body)
+        except TransientError as exc:
+            throttled = exc.status == 429
+            self.stats.throttled += throttled
+            raise
+        except AuthError:
+            self.stopping = True
+            raise
+        finally:
+            await self.limit.release(throttled)
+
+    async def get_page(self, url: str, fetch: CallFetch) -> tuple[str, Any]:
+        def count_retry(_: tenacity.RetryCallState) -> None:
+            fetch.retries += 1
+            self.stats.retries += 1
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.settings.max_attempts)
+            | (lambda _: fetch.retries >= self.settings.call_retry_budget),
+            wait=WaitPolicy(self.settings),
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=count_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._request(url, fetch)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fetch_call(self, call_id: str) -> CallFetch:
+        """Page one call. Call-level problems become a ``failed`` CallFetch."""
+        fetch = CallFetch(call_id, "loaded")
+        try:
+            await self._page_through(fetch)
+        except (CallError, httpx.TransportError) as exc:
+            if isinstance(exc, httpx.ConnectError) and self.stats.answered == 0:
+                self.stopping = True
+                raise UnreachableError(
+                    f"cannot reach the API at {safe_url(self.base_url)} ({describe(exc)}); "
+                    "check --base-url and the network"
+                ) from None
+            fetch.status, fetch.error = "failed", describe(exc)
+            fetch.pages, fetch.page_urls = [], []
+        fetch.fetched_at = utcnow()
+        return fetch
+
+    async def _page_through(self, fetch: CallFetch) -> None:
+        url: str | None = self.first_page_url(fetch.call_id)
+        seen: set[str] = set()
+        rows = 0
+        while url is not None:
+            if len(fetch.pages) >= self.settings.max_pages:
+                raise PaginationError(f"more than {self.settings.max_pages} pages (max_pages); stopped paging")
+            kind, page = await self.get_page(url, fetch)
+            if kind == "not_found":
+                if fetch.pages:
+                    raise CallError(f"page {len(fetch.pages) + 1} answered 404 while paging")
+                fetch.status = "not_found"
+                return
+            if not isinstance(page, dict) or not isinstance(page.get("results"), list):
+                raise PaginationError("unexpected page shape: 'results' is not a list")
+            fetch.pages.append(page)
+            fetch.page_urls.append(url)
+            rows += len(page["results"])
+            url = self._next_url(url, page.get("next"), seen)
+        total = fetch.pages[-1].get("total") if fetch.pages else None
+        if isinstance(total, int) and total != rows:
+            fetch.total_mismatch = (total, rows)
+
+    def _next_url(self, current: str, next_link: object, seen: set[str]) -> str | None:
+        # Paging ends on null, a missing key or "" (seen from some DRF setups).
+        if next_link is None or next_link == "":
+            return None
+        if not isinstance(next_link, str):
+            raise PaginationError("unexpected page shape: 'next' is not a string")
+        # `next` is followed exactly as given (joined only if it were relative).
+        target = httpx.URL(current).join(next_link)
+        if origin(target) != self.origin:
+            raise OriginError(
+                f"next link points to another host ({target.host}); not followed, API key not sent"
+            )
+        cursor = target.params.get("cursor") or str(target)
+        if cursor in seen or str(target) == current:
+            raise PaginationError("next link repeats a cursor already seen for this call; stopped paging")
+        seen.add(cursor)
+        return str(target)
+
+
+async def extract_calls(
+    call_ids: Iterable[str],
+    settings: Settings,
+    api_key: str | None,
+    sink: Callable[[CallFetch], Awaitable[None]],
+    extractor_ready: Callable[[Extractor], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ExtractStats:
+    """Fetch every call, handing each finished CallFetch to ``sink`` (in completion order)."""
+    base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+    pending = iter(call_ids)
+    async with build_client(settings, api_key, transport) as client:
+        extractor = Extractor(settings, client, base_url)
+        if extractor_ready:
+            extractor_ready(extractor)
+
+        async def worker() -> None:
+            for call_id in pending:
+                if extractor.stopping:
+                    return
+                try:
+                    fetch = await extractor.fetch_call(call_id)
+                except RunAborted:
+                    return
+                await sink(fetch)
+
+        workers = [asyncio.create_task(worker()) for _ in range(settings.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return extractor.stats

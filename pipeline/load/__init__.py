@@ -1,0 +1,121 @@
+"""Warehouses: where transformed Arrow tables are committed, per call, idempotently.
+
+Both outputs implement :class:`Warehouse`. The contract every implementation keeps:
+
+* ``commit_calls`` is atomic for the whole batch: for every call in ``outcomes`` whose
+  status is ``loaded`` or ``not_found``, the call's previous rows in the three data
+  tables are removed and the rows in ``tables`` inserted; ``failed`` calls keep their
+  previous rows. etl_calls is upserted in the same commit (attempts + 1).
+* After any sequence of runs and crashes, primary keys are unique.
+* One writer at a time (``OutputLock``); ``open`` refuses an output that is not ours.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import duckdb
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.records import CallOutcome, RunRecord
+
+
+class Warehouse(abc.ABC):
+    format: str = ""
+
+    def __init__(self, path: Path, wait_for_lock: bool = False):
+        self.path = path
+        self.wait_for_lock = wait_for_lock
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Validate the output, take the writer lock, create tables, heal leftovers."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def call_statuses(self) -> dict[str, str]:
+        """call_id → status for every call in etl_calls."""
+
+    @abc.abstractmethod
+    def save_run(self, run: RunRecord) -> None:
+        """Insert or update the etl_runs row of ``run``."""
+
+    @abc.abstractmethod
+    def commit_calls(
+        self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str
+    ) -> None: ...
+
+    def __enter__(self) -> Warehouse:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def outcomes_table(outcomes: Sequence[CallOutcome], run_id: str) -> pa.Table:
+    """The batch's etl_calls updates as Arrow (before merging with earlier attempts)."""
+    return pa.table(
+        {
+            "call_id": pa.array([o.call_id for o in outcomes], pa.string()),
+            "status": pa.array([o.status for o in outcomes], pa.string()),
+            "stage_count": pa.array([o.stage_count for o in outcomes], pa.int32()),
+            "last_run_id": pa.array([run_id] * len(outcomes), pa.string()),
+            "attempted_at": pa.array(
+                [o.attempted_at for o in outcomes], schema.ETL_CALLS.arrow_schema.field("last_attempt_at").type
+            ),
+            "error": pa.array([o.error for o in outcomes], pa.string()),
+        }
+    )
+
+
+#: SQL merging a batch of outcomes (``batch_outcomes``) with existing etl_calls rows
+#: (``previous``): attempts count up, last_success_at moves only on success, a failed
+#: call keeps its last known stage_count.
+MERGE_ETL_CALLS_SQL = """
+SELECT
+  o.call_id::UUID AS call_id,
+  o.status,
+  CASE WHEN o.status = 'failed' THEN p.stage_count ELSE o.stage_count END AS stage_count,
+  COALESCE(p.attempts, 0) + 1 AS attempts,
+  o.last_run_id,
+  o.attempted_at AS last_attempt_at,
+  CASE WHEN o.status = 'failed' THEN p.last_success_at ELSE o.attempted_at END AS last_success_at,
+  o.error
+FROM batch_outcomes o
+LEFT JOIN previous p ON p.call_id = o.call_id::UUID
+"""
+
+
+def open_warehouse(fmt: str, path: Path, wait_for_lock: bool = False) -> Warehouse:
+    if fmt == "duckdb":
+        from pipeline.load.duckdb import DuckDBWarehouse
+
+        return DuckDBWarehouse(path, wait_for_lock)
+    if fmt == "parquet":
+        from pipeline.load.parquet import ParquetWarehouse
+
+        return ParquetWarehouse(path, wait_for_lock)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def query_connection(fmt: str, path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only DuckDB connection exposing the five tables by name (reports, status)."""
+    if fmt == "duckdb":
+        from pipeline.load.duckdb import connect_read_only
+
+        return connect_read_only(path)
+    from pipeline.load.parquet import connect_views
+
+    return connect_views(path)

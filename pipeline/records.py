@@ -1,0 +1,87 @@
+"""Plain records passed along the one-way flow: extract → transform → load."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+CallStatus = Literal["loaded", "not_found", "failed"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable and readable: ``20261125T065600Z-3f9a1c``."""
+    now = now or utcnow()
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class CallFetch:
+    """Everything the extractor learned about one call.
+
+    ``pages`` are the page bodies exactly as received (not yet redacted); they are
+    only meaningful when ``status == "loaded"``.
+    """
+
+    call_id: str
+    status: CallStatus
+    pages: list[dict[str, Any]] = field(default_factory=list)
+    #: The URL each page was fetched from (for the raw landing zone).
+    page_urls: list[str] = field(default_factory=list)
+    error: str | None = None
+    requests: int = 0
+    retries: int = 0
+    fetched_at: datetime = field(default_factory=utcnow)
+    #: ``total`` reported by the API when it differs from the rows received.
+    total_mismatch: tuple[int, int] | None = None
+
+    def stages(self) -> list[Any]:
+        return [stage for page in self.pages for stage in page["results"]]
+
+
+@dataclass
+class CallOutcome:
+    """One etl_calls update, committed together with the call's rows."""
+
+    call_id: str
+    status: CallStatus
+    stage_count: int | None
+    error: str | None
+    attempted_at: datetime
+
+
+@dataclass
+class RunRecord:
+    """One etl_runs row; updated in place while the run goes on."""
+
+    run_id: str
+    started_at: datetime
+    tool_version: str
+    options: dict[str, Any]
+    finished_at: datetime | None = None
+    status: str = "running"
+    calls_requested: int = 0
+    calls_loaded: int = 0
+    calls_not_found: int = 0
+    calls_failed: int = 0
+    stages_loaded: int = 0
+    http_requests: int = 0
+    http_retries: int = 0
+
+    def as_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def count(self, outcome: CallOutcome) -> None:
+        if outcome.status == "loaded":
+            self.calls_loaded += 1
+            self.stages_loaded += outcome.stage_count or 0
+        elif outcome.status == "not_found":
+            self.calls_not_found += 1
+        else:
+            self.calls_failed += 1
