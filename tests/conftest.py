@@ -1,0 +1,92 @@
+"""Shared fixtures: the simulated API on 127.0.0.1 and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+KEY = "uvx-e2e-7f3a9c-DO-NOT-LEAK"
+
+
+@dataclass
+class Expected:
+    """Figures computed straight from the sandbox's data, independently of the pipeline."""
+
+    calls: int
+    stages: int
+    messages: int
+    voices: int
+    latest_tokens: int
+    initial_tokens: int
+    errors: int
+
+
+def expected_for(data, call_ids) -> Expected:
+    stages = [s for cid in call_ids for s in data.stages_for(cid)]
+    voices = sum(
+        1 for s in stages for field in ("externalVoice", "voiceOverrides") if isinstance(s.get(field), dict) and s[field]
+    )
+    return Expected(
+        calls=len(call_ids),
+        stages=len(stages),
+        messages=sum(len(s.get("inactivityMessages") or []) for s in stages),
+        voices=voices,
+        latest_tokens=sum(s.get("latestTokenCount") or 0 for s in stages),
+        initial_tokens=sum(s.get("initialTokenCount") or 0 for s in stages),
+        errors=sum(s.get("errorCount") or 0 for s in stages),
+    )
+
+
+@pytest.fixture
+def start_sandbox() -> Iterator:
+    """Factory: start_sandbox(n_calls=..., seed=..., **SandboxOptions) → running Sandbox."""
+    from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData
+
+    running = []
+
+    def start(n_calls: int = 100, seed: int = 0, **options):
+        options.setdefault("api_key", KEY)
+        box = Sandbox(SyntheticData(n_calls=n_calls, seed=seed), SandboxOptions(**options))
+        box.start()
+        running.append(box)
+        return box
+
+    yield start
+    for box in running:
+        box.stop()
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, key: str | None = KEY, cwd: Path | None = None, stdin: str | None = None,
+            env_extra: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    env = {k: v for k, v in os.environ.items() if k not in ("ULTRAVOX_API_KEY", "ULTRAVOX_STAGES_DEBUG")}
+    if key is not None:
+        env["ULTRAVOX_API_KEY"] = key
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
+        cwd=cwd, input=stdin, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def write_ids(path: Path, ids) -> Path:
+    path.write_text("\n".join(ids) + "\n")
+    return path

@@ -1,0 +1,106 @@
+"""Faults, crashes and overlapping runs: the warehouse ends exact every time."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from conftest import KEY, expected_for, write_ids
+from test_e2e_run import assert_matches, figures
+
+RETRY_FAST = (
+    "max_attempts = 12\ncall_retry_budget = 60\nbackoff_initial_seconds = 0.005\n"
+    "backoff_max_seconds = 0.05\nretry_after_max_seconds = 0.05\n"
+)
+
+
+def config(tmp_path, text=RETRY_FAST):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_1000_calls_at_20_percent_faults_exact(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=1000, seed=21, fault_rate=0.2, retry_after="0")
+    db = tmp_path / "w.duckdb"
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    res = cli("run", "--calls-file", ids, "--output", str(db), "--base-url", box.base_url,
+              "--config", config(tmp_path), "--page-size", "5")
+    assert res.code == 0, res.stderr
+    assert_matches(db, expected_for(box.data, box.data.call_ids))
+    with duckdb.connect(str(db), read_only=True) as con:
+        retries = con.execute("SELECT http_retries FROM etl_runs").fetchone()[0]
+    assert retries > 100  # the faults really happened and were retried
+
+
+def _spawn_run(args, env):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "ULTRAVOX_API_KEY"}
+    env["ULTRAVOX_API_KEY"] = KEY
+    return env
+
+
+def _kill_loop(tmp_path, box, fmt, kills, seed):
+    rng = random.Random(seed)
+    out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w-parquet")
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(RETRY_FAST + "batch_stages = 40\n")
+    args = ["--calls-file", ids, "--output", str(out), "--base-url", box.base_url, "--format", fmt,
+            "--config", str(cfg), "--refresh", "--concurrency", "4"]
+    for _ in range(kills):
+        proc = _spawn_run(args, _env())
+        time.sleep(rng.uniform(0.3, 2.5))  # interpreter start, fetching, transforming or committing
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run([sys.executable, "-m", "pipeline", "run", *args[:-3]], env=_env(),
+                           capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    return out
+
+
+def test_kill_9_at_random_moments_then_rerun_is_exact_duckdb(tmp_path, start_sandbox):
+    box = start_sandbox(n_calls=150, seed=4, latency_ms=5)
+    db = _kill_loop(tmp_path, box, "duckdb", kills=4, seed=1)
+    assert_matches(db, expected_for(box.data, box.data.call_ids))
+
+
+@pytest.mark.slow
+def test_kill_9_many_times_duckdb(tmp_path, start_sandbox):
+    box = start_sandbox(n_calls=300, seed=5, latency_ms=5, fault_rate=0.05, retry_after="0")
+    db = _kill_loop(tmp_path, box, "duckdb", kills=25, seed=2)
+    assert_matches(db, expected_for(box.data, box.data.call_ids))
+
+
+def test_overlapping_run_exits_2_naming_the_holder_or_waits(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=60, latency_ms=100)
+    db = tmp_path / "w.duckdb"
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    args = ["--calls-file", ids, "--output", str(db), "--base-url", box.base_url, "--concurrency", "2"]
+    first = _spawn_run(args, _env())
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "w.duckdb.lock").exists() or not (tmp_path / "w.duckdb.lock").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = cli("run", *args)
+        assert second.code == 2, second.stderr
+        assert f"pid {first.pid}" in second.stderr and "--wait" in second.stderr
+        waited = cli("run", *args, "--wait")
+        assert waited.code == 0, waited.stderr
+    finally:
+        first.wait(timeout=60)
+    assert first.returncode == 0
+    assert_matches(db, expected_for(box.data, box.data.call_ids))
+    assert figures(db)[0][1] == expected_for(box.data, box.data.call_ids).stages

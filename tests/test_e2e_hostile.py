@@ -1,0 +1,112 @@
+"""Hostile answers and the origin guard: one call fails cleanly, the others load, no key leaks."""
+
+from __future__ import annotations
+
+import duckdb
+
+from conftest import KEY, expected_for, write_ids
+from test_e2e_run import assert_matches
+
+FAST = "max_attempts = 3\nbackoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.01\nretry_after_max_seconds = 0.01\n"
+
+
+def _run(tmp_path, box, cli, extra_config="", *args):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(FAST + extra_config)
+    db = tmp_path / "w.duckdb"
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    res = cli("run", "--calls-file", ids, "--output", str(db), "--base-url", box.base_url, "--config", str(cfg), *args)
+    return res, db
+
+
+def _statuses(db):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return {c: (s, e) for c, s, e in con.execute("SELECT call_id::VARCHAR, status, error FROM etl_calls").fetchall()}
+
+
+def _stage_rows(db, call_id):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute("SELECT count(*) FROM call_stages WHERE call_id = ?", [call_id]).fetchone()[0]
+
+
+def test_next_link_to_another_origin_never_gets_the_key(tmp_path, start_sandbox, cli):
+    thief = start_sandbox(n_calls=5, api_key=None)  # records every header it receives
+    box = start_sandbox(n_calls=30, next_base_url=thief.base_url)
+    res, db = _run(tmp_path, box, cli, "", "--page-size", "1")
+    multi_page = [c for c in box.data.call_ids if len(box.data.stages_for(c)) > 1]
+    assert multi_page and res.code == 1
+    assert "127.0.0.1" in res.stderr and "another host" in res.stderr
+    assert thief.stats.requests == 0  # not even followed without the key
+    assert not [h for h in thief.stats.received_headers if "x-api-key" in h]
+    statuses = _statuses(db)
+    assert all(statuses[c][0] == "failed" for c in multi_page)
+    assert all(_stage_rows(db, c) == 0 for c in multi_page)  # nothing partial loaded
+    single = [c for c in box.data.call_ids if len(box.data.stages_for(c)) <= 1]
+    assert all(statuses[c][0] == "loaded" for c in single)
+
+
+def test_wrong_types_and_foreign_stages_fail_only_that_call(tmp_path, start_sandbox, cli):
+    victims = {}
+
+    def hook(call_id, page_index, body):
+        kind = victims.get(call_id)
+        if kind == "string_tokens" and body["results"]:
+            body["results"][0]["initialTokenCount"] = "12"
+            return body
+        if kind == "foreign" and body["results"]:
+            body["results"][-1]["callId"] = "99999999-9999-4999-8999-999999999999"
+            return body
+        if kind == "not_json":
+            return b"<html>502 Bad Gateway</html>"
+        if kind == "shape":
+            return {"next": None, "results": "nope"}
+        return None
+
+    box = start_sandbox(n_calls=40, seed=8, page_hook=hook)
+    with_stages = [c for c in box.data.call_ids if box.data.stages_for(c)]
+    for call_id, kind in zip(with_stages, ["string_tokens", "foreign", "not_json", "shape"]):
+        victims[call_id] = kind
+    res, db = _run(tmp_path, box, cli)
+    assert res.code == 1, res.stderr
+    statuses = _statuses(db)
+    reasons = {kind: statuses[c][1] for c, kind in victims.items()}
+    assert all(statuses[c][0] == "failed" and _stage_rows(db, c) == 0 for c in victims)
+    assert "initialTokenCount" in reasons["string_tokens"]
+    assert "belongs to call" in reasons["foreign"]
+    assert "invalid JSON" in reasons["not_json"]
+    assert "'results' is not a list" in reasons["shape"]
+    others = [c for c in box.data.call_ids if c not in victims]
+    assert all(statuses[c][0] == "loaded" for c in others)
+    assert "Traceback" not in res.stderr
+
+
+def test_response_size_cap_and_large_prompts(tmp_path, start_sandbox, cli):
+    big = {}
+
+    def hook(call_id, page_index, body):
+        if call_id in big and body["results"]:
+            body["results"][0]["systemPrompt"] = "x" * (10 * 1024 * 1024)  # a 10 MB page
+            return body
+        return None
+
+    box = start_sandbox(n_calls=30, seed=9, page_hook=hook)
+    target = next(c for c in box.data.call_ids if box.data.stages_for(c))
+    big[target] = True
+    res, db = _run(tmp_path, box, cli, "max_response_bytes = 4000000\n")
+    assert res.code == 1
+    status, reason = _statuses(db)[target]
+    assert status == "failed" and "cap" in reason
+    others = [c for c in box.data.call_ids if c != target]
+    assert_matches(db, expected_for(box.data, others))
+
+
+def test_100kb_prompts_survive_exactly(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=500, seed=0)
+    longest = max((s.get("systemPrompt") or "" for c in box.data.call_ids for s in box.data.stages_for(c)), key=len)
+    assert len(longest.encode()) >= 100_000, "sandbox should serve a ~100 KB prompt"
+    res, db = _run(tmp_path, box, cli)
+    assert res.code == 0, res.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = con.execute("SELECT system_prompt FROM call_stages ORDER BY length(system_prompt) DESC LIMIT 1").fetchone()[0]
+    assert stored == longest
+    assert KEY not in res.stderr

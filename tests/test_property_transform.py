@@ -1,0 +1,75 @@
+"""Property test: stages generated from the OpenAPI schema always transform cleanly."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis_jsonschema import from_schema
+
+from pipeline.transform import transform_calls
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "api" / "ultravox_stages_openapi.yaml"
+if not SPEC.exists():  # CI keeps shared/ beside the clone; fall back to the recorded copy
+    SPEC = Path(__file__).resolve().parent / "fixtures" / "ultravox_stages_openapi.yaml"
+
+
+def _to_json_schema(node):
+    """OpenAPI 3.0 → JSON Schema: `nullable`, component refs, enum `format`s."""
+    if isinstance(node, list):
+        return [_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$ref":
+            out[key] = value.replace("#/components/schemas/", "#/$defs/")
+        elif key in ("readOnly", "example", "description"):
+            continue
+        elif key == "format" and value in ("enum", "float", "double", "int32", "uri"):
+            continue
+        else:
+            out[key] = _to_json_schema(value)
+    if out.pop("nullable", False):
+        out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def _stage_schema():
+    spec = yaml.safe_load(SPEC.read_text())
+    defs = _to_json_schema(spec["components"]["schemas"])
+    stage = copy.deepcopy(defs["CallStage"])
+    # The transformer validates ids/timestamps itself; keep the generator on valid ones
+    # for those and let everything else roam free.
+    for name in ("callId", "callStageId", "created"):
+        stage["properties"].pop(name, None)
+    stage["required"] = [r for r in stage["required"] if r not in ("callId", "callStageId", "created")]
+    stage["$defs"] = defs
+    return stage
+
+
+STAGES = from_schema(_stage_schema())
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(STAGES, max_size=4), st.uuids(version=4))
+def test_schema_generated_stages_transform_with_matching_row_counts(stages, call_uuid):
+    call_id = str(call_uuid)
+    for i, stage in enumerate(stages):
+        stage["callId"] = call_id
+        stage["callStageId"] = str(uuid.UUID(int=(call_uuid.int + i + 1) % (1 << 128)))
+        stage["created"] = "2026-11-20T10:00:00.123456Z"
+    result = transform_calls([(call_id, stages)], "run", datetime.now(timezone.utc))
+    assert result.failures == {}, result.failures
+    tables = result.tables
+    assert tables["call_stages"].num_rows == len(stages)
+    assert tables["stage_inactivity_messages"].num_rows == sum(len(s.get("inactivityMessages") or []) for s in stages)
+    voices = sum(1 for s in stages for f in ("externalVoice", "voiceOverrides") if s.get(f))
+    assert tables["stage_voices"].num_rows == voices
