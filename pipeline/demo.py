@@ -47,7 +47,7 @@ def run_demo(n_calls: int, fmt: str, output: Path, progress: bool | None) -> int
     key = secrets.token_urlsafe(16)  # a throwaway key for the in-process sandbox only
     data = SyntheticData(n_calls=n_calls, seed=0)
     with Sandbox(data, SandboxOptions(api_key=key)) as sandbox:
-        settings = Settings(base_url=sandbox.base_url, format=fmt, output=str(output), concurrency=16)
+        settings = Settings(base_url=sandbox.base_url, format=fmt, output=str(output), concurrency=32, max_rps=5000.0)
         click.echo(f"Simulated Ultravox API on {sandbox.base_url}: exporting {n_calls} synthetic calls…", err=True)
         result = run_export(settings, list(data.call_ids), key, Reporter(progress=progress))
     run = result.run
@@ -57,11 +57,10 @@ def run_demo(n_calls: int, fmt: str, output: Path, progress: bool | None) -> int
         f"{run.http_requests} HTTP requests, {run.http_retries} retries."
     )
     con = query_connection(fmt, output)
-    counts = con.sql(
+    counts = con.execute(
         "SELECT (SELECT count(*) FROM call_stages), (SELECT count(*) FROM stage_inactivity_messages),"
         " (SELECT count(*) FROM stage_voices), (SELECT coalesce(sum(error_count), 0) FROM call_stages)"
-    ).fetchone()
-    assert counts is not None
+    ).fetchall()[0]
     click.echo(f"Warehouse {output}: {counts[0]} stages, {counts[1]} inactivity messages, {counts[2]} voices, {counts[3]} stage errors.")
     for title, sql in DEMO_QUERIES.items():
         click.echo(f"\n{title}\n{_table(con, sql)}")

@@ -29,7 +29,7 @@ class Reporter:
         if self.json:
             record = {"ts": utcnow().isoformat(), "level": level, "event": event, "message": message, **fields}
             self._write(json.dumps(record, default=str))
-        elif level != "debug" and (level != "info" or event.startswith("run_")):
+        elif level != "debug":
             prefix = "" if level == "info" else f"{level}: "
             self._write(prefix + message)
 

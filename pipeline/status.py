@@ -59,8 +59,8 @@ def status_report(fmt: str, path: Path, style: str) -> tuple[str, bool]:
         runs = _rows(con, _LAST_RUNS)
         by_status = _rows(con, _BY_STATUS)
         failed = _rows(con, _FAILED)
-        failed_count = con.sql(_FAILED_COUNT).fetchone()[0]
-        last_success = con.sql(_LAST_SUCCESS).fetchone()[0]
+        failed_count = con.execute(_FAILED_COUNT).fetchall()[0][0]
+        last_success = con.execute(_LAST_SUCCESS).fetchall()[0][0]
     finally:
         con.close()
     finished = [r for r in runs if r["status"] != "running"]

@@ -36,7 +36,7 @@ def test_1000_calls_at_20_percent_faults_exact(tmp_path, start_sandbox, cli):
     assert res.code == 0, res.stderr
     assert_matches(db, expected_for(box.data, box.data.call_ids))
     with duckdb.connect(str(db), read_only=True) as con:
-        retries = con.execute("SELECT http_retries FROM etl_runs").fetchone()[0]
+        retries = con.execute("SELECT http_retries FROM etl_runs").fetchall()[0][0]
     assert retries > 100  # the faults really happened and were retried
 
 

@@ -26,7 +26,7 @@ def _statuses(db):
 
 def _stage_rows(db, call_id):
     with duckdb.connect(str(db), read_only=True) as con:
-        return con.execute("SELECT count(*) FROM call_stages WHERE call_id = ?", [call_id]).fetchone()[0]
+        return con.execute("SELECT count(*) FROM call_stages WHERE call_id = ?", [call_id]).fetchall()[0][0]
 
 
 def test_next_link_to_another_origin_never_gets_the_key(tmp_path, start_sandbox, cli):
@@ -107,6 +107,6 @@ def test_100kb_prompts_survive_exactly(tmp_path, start_sandbox, cli):
     res, db = _run(tmp_path, box, cli)
     assert res.code == 0, res.stderr
     with duckdb.connect(str(db), read_only=True) as con:
-        stored = con.execute("SELECT system_prompt FROM call_stages ORDER BY length(system_prompt) DESC LIMIT 1").fetchone()[0]
+        stored = con.execute("SELECT system_prompt FROM call_stages ORDER BY length(system_prompt) DESC LIMIT 1").fetchall()[0][0]
     assert stored == longest
     assert KEY not in res.stderr

@@ -35,8 +35,8 @@ UNION ALL SELECT md5(string_agg(t::VARCHAR, '|' ORDER BY t::VARCHAR)) FROM stage
 
 def figures(db):
     with duckdb.connect(str(db), read_only=True) as con:
-        row = con.execute(FIGURES).fetchone()
-        assert con.execute(KEYS_UNIQUE).fetchone()[0], "primary keys not unique"
+        row = con.execute(FIGURES).fetchall()[0]
+        assert con.execute(KEYS_UNIQUE).fetchall()[0][0], "primary keys not unique"
         content = [r[0] for r in con.execute(CONTENT).fetchall()]
     return row, content
 
@@ -75,16 +75,17 @@ def test_export_1000_calls_exact_and_idempotent(tmp_path, start_sandbox, cli):
 
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT status, count(*) FROM etl_calls GROUP BY ALL").fetchall() == [("loaded", 1000)]
-        assert con.execute("SELECT max(attempts) FROM etl_calls").fetchone()[0] == 2
+        assert con.execute("SELECT max(attempts) FROM etl_calls").fetchall()[0][0] == 2
         runs = con.execute("SELECT status, calls_requested, calls_loaded, stages_loaded FROM etl_runs ORDER BY started_at").fetchall()
         assert runs == [("succeeded", 1000, 1000, expected.stages), ("succeeded", 0, 0, 0),
                         ("succeeded", 1000, 1000, expected.stages)]
-        options = con.execute("SELECT options FROM etl_runs LIMIT 1").fetchone()[0]
+        options = con.execute("SELECT options FROM etl_runs LIMIT 1").fetchall()[0][0]
         assert json.loads(options)["concurrency"] == 16
 
 
 def test_unknown_calls_are_not_found_and_duplicates_warned(tmp_path, start_sandbox, cli):
-    box = start_sandbox(n_calls=20)
+    box = start_sandbox(n_calls=100)
+    assert box.data.deleted_call_ids
     missing = "00000000-0000-4000-8000-00000000dead"
     ids = box.data.call_ids[:5] + box.data.call_ids[:2] + [missing] + box.data.deleted_call_ids[:1]
     db = tmp_path / "w.duckdb"
@@ -180,7 +181,7 @@ def test_failed_calls_exit_1_then_next_run_retries_only_them(tmp_path, start_san
         with duckdb.connect(str(db), read_only=True) as con:
             failed = con.execute("SELECT call_id::VARCHAR, error FROM etl_calls WHERE status = 'failed'").fetchall()
             assert {c for c, _ in failed} == failing and all("HTTP 500" in e for _, e in failed)
-            assert con.execute("SELECT status FROM etl_runs").fetchone()[0] == "partial"
+            assert con.execute("SELECT status FROM etl_runs").fetchall()[0][0] == "partial"
     finally:
         broken.stop()
     box.reset_stats()

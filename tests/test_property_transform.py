@@ -58,7 +58,7 @@ STAGES = from_schema(_stage_schema())
 
 
 @pytest.mark.filterwarnings("ignore")
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(STAGES, max_size=4), st.uuids(version=4))
 def test_schema_generated_stages_transform_with_matching_row_counts(stages, call_uuid):
     call_id = str(call_uuid)
@@ -67,6 +67,12 @@ def test_schema_generated_stages_transform_with_matching_row_counts(stages, call
         stage["callStageId"] = str(uuid.UUID(int=(call_uuid.int + i + 1) % (1 << 128)))
         stage["created"] = "2026-11-20T10:00:00.123456Z"
     result = transform_calls([(call_id, stages)], "run", datetime.now(timezone.utc))
+    too_big = [s for s in stages for f in ("errorCount", "initialTokenCount", "latestTokenCount")
+               if isinstance(s.get(f), int) and not -(2**63) <= s[f] < 2**63]
+    if too_big:  # the schema has no bounds, BIGINT does: that call fails cleanly
+        assert "out of the BIGINT range" in result.failures[call_id]
+        assert result.tables["call_stages"].num_rows == 0
+        return
     assert result.failures == {}, result.failures
     tables = result.tables
     assert tables["call_stages"].num_rows == len(stages)

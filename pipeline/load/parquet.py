@@ -1,0 +1,740 @@
+"""Parquet output: a folder of hive-partitioned Parquet files, committed with a journal.
+
+Layout (CONTRACT.md, "Parquet layout")::
+
+    OUTPUT/_ultravox_stages.json                 marker: this folder is ours
+    OUTPUT/call_stages/created_date=YYYY-MM-DD/part-<tx>-<n>.parquet
+    OUTPUT/stage_inactivity_messages/created_date=.../part-*.parquet
+    OUTPUT/stage_voices/created_date=.../part-*.parquet
+    OUTPUT/etl_calls/part-*.parquet              unpartitioned
+    OUTPUT/etl_runs/part-*.parquet               unpartitioned
+    OUTPUT/_state/call_files.parquet             index: (table, key, file)
+    OUTPUT/_staging/lock                         writer lock (OutputLock)
+    OUTPUT/_staging/tx-*/, journal.json          a commit in flight
+
+``created_date`` is the UTC date of the *stage's* ``created``; child rows take the date
+of their stage, so a stage and its children always sit in the same date folder. A null
+``created`` goes to ``created_date=__HIVE_DEFAULT_PARTITION__``, which DuckDB, Spark and
+pyarrow read as NULL. The partition column is not stored inside the files.
+
+Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or ``save_run`` —
+is one transaction:
+
+1. every new file (data files and the new index) is written into ``_staging/tx-<id>/``
+   and fsynced; nothing under ``OUTPUT/<table>/`` changes yet;
+2. ``_staging/journal.json`` is written to a temporary name, fsynced and renamed into
+   place: **this rename is the commit point**. It lists the renames (staging → final)
+   and the deletions (files whose rows were replaced or compacted);
+3. the journal is applied (``os.replace`` per file, then unlinks), directories fsynced,
+   and the journal removed.
+
+Applying is idempotent (final names are never reused, a rename whose source is gone is
+already done, a deletion of a missing file is a no-op), so ``open()`` rolls a complete
+journal forward and discards anything else in ``_staging/``. A kill -9 before step 2
+leaves the previous dataset; at or after step 2 the next ``open()`` (or a reader via
+:func:`connect_views` when no writer holds the lock) finishes the new one. Readers never
+see a half-written file because files only appear under ``OUTPUT/<table>/`` by rename.
+(A plain glob reader running *during* step 3, which lasts milliseconds, may see the new
+files next to the old ones; there is no cross-file snapshot without a table format.)
+
+Finding a call's rows: the index. ``_state/call_files.parquet`` holds one row per
+(table, key, file) — key is call_id for the data tables and etl_calls, run_id for
+etl_runs — and is replaced in the same journaled commit as the files it describes. A
+commit filters it with ``pc.is_in`` to find exactly the files holding the batch's calls
+and reads only those. Cost: the index is about one row per call per table (~40 bytes
+each, dictionary-encoded file names compress well): for a million calls ~4M rows, a few
+MB on disk, ~100 ms to rewrite per commit and kept in memory while open. The
+alternative — reading the call_id column of every file — costs a read proportional to
+the whole dataset per commit (one footer + column chunk per file, thousands of files),
+so the index wins as soon as the dataset has more than a handful of partitions. If the
+index is missing or disagrees with the files on disk (someone deleted or copied files),
+``open()`` rebuilds it by reading only the key column of each file.
+
+File count: per commit and partition, new rows go to a new file when no file there
+holds a replaced call (append). Files holding replaced calls are rewritten, merged with
+the partition's new rows into one file. When a partition would exceed
+:data:`MAX_FILES_PER_PARTITION` files, its small files (< :data:`COMPACT_BELOW_BYTES`)
+are merged into one, so a cron job committing a few calls every few minutes keeps each
+partition at <= ~9 files while big partitions are never rewritten wholesale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.errors import OutputError
+from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, outcomes_table
+from pipeline.lock import OutputLock
+from pipeline.records import CallOutcome, RunRecord
+
+MARKER = "_ultravox_stages.json"
+STAGING = "_staging"
+JOURNAL = "journal.json"
+INDEX = "_state/call_files.parquet"
+LOCK = "lock"
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+FORMAT_TAG = "ultravox-stages-parquet"
+
+#: Compact a partition's small files once it would hold more files than this.
+MAX_FILES_PER_PARTITION = 8
+#: Files at least this big are left alone by compaction: merging never rewrites big
+#: files just to absorb a few small ones, and merged files stay <= ~9x this size.
+COMPACT_BELOW_BYTES = 16 << 20
+#: Rows per row group: ~64k stages of a few KB is ~100-250 MB uncompressed, the usual
+#: target for scan efficiency; smaller tables get one row group.
+ROW_GROUP_ROWS = 65_536
+_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
+
+#: The column identifying which rows a change replaces, per table.
+KEY_COLUMN = {
+    "call_stages": "call_id",
+    "stage_inactivity_messages": "call_id",
+    "stage_voices": "call_id",
+    "etl_calls": "call_id",
+    "etl_runs": "run_id",
+}
+_INDEX_SCHEMA = pa.schema(
+    [pa.field("table", pa.string(), False), pa.field("key", pa.string(), False), pa.field("file", pa.string(), False)]
+)
+_US_PER_DAY = 86_400_000_000
+
+#: Test seam: called with a step name at each point of a commit where a crash matters
+#: (the crash tests SIGKILL the process there). None in production.
+CRASH_HOOK: Callable[[str], None] | None = None
+
+
+def _checkpoint(step: str) -> None:
+    if CRASH_HOOK is not None:
+        CRASH_HOOK(step)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directory fsync makes renames/unlinks durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _empty_index() -> pa.Table:
+    return _INDEX_SCHEMA.empty_table()
+
+
+def _conform(rows: pa.Table, table: schema.Table) -> pa.Table:
+    """Columns in schema order with the schema's types (files and batches may differ in
+    nullability flags or column order; concat needs identical schemas)."""
+    target = table.arrow_schema
+    if rows.schema.equals(target):
+        return rows
+    return rows.select(table.column_names).cast(target)
+
+
+def _to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
+    fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
+    return fetch()
+
+
+def table_dir(root: Path, table: str) -> Path:
+    return root / table
+
+
+def data_files(root: Path, table: str) -> list[str]:
+    """Committed files of ``table`` as paths relative to ``root`` (posix), sorted."""
+    base = table_dir(root, table)
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in base.rglob("*.parquet") if p.is_file())
+
+
+def _partition_of(rel: str) -> str:
+    """The folder of a file: ``call_stages/created_date=2024-01-01`` or ``etl_calls``."""
+    return rel.rsplit("/", 1)[0]
+
+
+# --------------------------------------------------------------------------- output checks
+
+
+def check_output_folder(path: Path, must_exist: bool = False) -> None:
+    """Refuse a file, or an existing non-empty folder that has no marker of ours."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--output {path} is a file, not a Parquet folder (use --format duckdb for a file)")
+    if not path.exists():
+        if must_exist:
+            raise OutputError(f"no warehouse at {path}: run `ultravox-stages run --format parquet` first")
+        return
+    if (path / MARKER).is_file():
+        return
+    if must_exist or any(path.iterdir()):
+        raise OutputError(
+            f"--output {path} is a folder that is not an ultravox-stages Parquet dataset "
+            f"(no {MARKER}); refusing to touch it"
+        )
+
+
+def _write_marker(path: Path) -> None:
+    marker = path / MARKER
+    if marker.exists():
+        return
+    # Written in place (not tmp + rename): a crash mid-write leaves a marker that still
+    # says "ours", never a stray temporary file that would make the folder look foreign.
+    body = json.dumps({"format": FORMAT_TAG, "version": 1}, sort_keys=True).encode()
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_path(path)
+
+
+# --------------------------------------------------------------------------- journal
+
+
+def apply_journal(root: Path) -> bool:
+    """Roll a committed journal forward (idempotent). True if there was one."""
+    journal = root / STAGING / JOURNAL
+    try:
+        plan = json.loads(journal.read_bytes())
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        # journal.json only ever appears by rename of a complete, fsynced file, so an
+        # unreadable one is not ours to apply; drop it (the commit never happened).
+        journal.unlink()
+        return False
+    touched: set[Path] = set()
+    for src_rel, dst_rel in plan["renames"]:
+        src, dst = root / src_rel, root / dst_rel
+        if src.exists():  # a missing source means this rename was already applied
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            # The file's folder and, for a new partition, the folder's own entry.
+            touched.update((dst.parent, dst.parent.parent))
+        _checkpoint("rename")
+    for rel in plan["deletes"]:
+        victim = root / rel
+        victim.unlink(missing_ok=True)
+        touched.add(victim.parent)
+    for folder in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+        _remove_if_empty_partition(root, folder)
+    for folder in touched:
+        if folder.exists():
+            _fsync_path(folder)
+    _checkpoint("applied")
+    journal.unlink()
+    _fsync_path(journal.parent)
+    return True
+
+
+def _remove_if_empty_partition(root: Path, folder: Path) -> None:
+    """Drop a partition folder left empty (never a table folder or the root)."""
+    rel = folder.relative_to(root).parts
+    if len(rel) >= 2 and rel[0] in schema.TABLES:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (new files landed there) or already gone
+
+
+def clean_staging(root: Path) -> None:
+    """Remove uncommitted leftovers of a killed writer (never the lock file)."""
+    staging = root / STAGING
+    if not staging.is_dir():
+        return
+    for entry in staging.iterdir():
+        if entry.name in (LOCK, JOURNAL):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def heal(root: Path) -> None:
+    """Finish a committed transaction and discard uncommitted ones (lock held)."""
+    apply_journal(root)
+    clean_staging(root)
+
+
+# --------------------------------------------------------------------------- index
+
+
+class FileIndex:
+    """In-memory copy of ``_state/call_files.parquet``: per table, (key, file) rows."""
+
+    def __init__(self, per_table: dict[str, pa.Table]):
+        self.per_table = per_table
+        # table → partition folder → file names: small (hundreds/thousands of files),
+        # plain Python sets are the simplest structure for the compaction decisions.
+        self.files: dict[str, dict[str, set[str]]] = {}
+        for name, entries in per_table.items():
+            parts: dict[str, set[str]] = {}
+            for rel in pc.unique(entries["file"]).to_pylist():
+                parts.setdefault(_partition_of(rel), set()).add(rel)
+            self.files[name] = parts
+
+    @classmethod
+    def from_table(cls, index: pa.Table) -> FileIndex:
+        per_table = {}
+        for name in schema.TABLES:
+            rows = index.filter(pc.equal(index["table"], name))
+            per_table[name] = pa.table({"key": rows["key"], "file": rows["file"]})
+        return cls(per_table)
+
+    def to_table(self) -> pa.Table:
+        parts = [
+            pa.table(
+                {"table": pa.array([name] * entries.num_rows, pa.string()), "key": entries["key"], "file": entries["file"]},
+                schema=_INDEX_SCHEMA,
+            )
+            for name, entries in self.per_table.items()
+        ]
+        return pa.concat_tables(parts) if parts else _empty_index()
+
+    def all_files(self, table: str) -> set[str]:
+        return {rel for files in self.files[table].values() for rel in files}
+
+    def files_with_keys(self, table: str, keys: pa.Array) -> set[str]:
+        return _files_with_keys(self.per_table[table], keys)
+
+
+def _files_with_keys(entries: pa.Table, keys: pa.Array) -> set[str]:
+    """Files whose index entries name one of ``keys``: one vectorised is_in."""
+    if not len(keys) or not entries.num_rows:
+        return set()
+    hits = entries["file"].filter(pc.is_in(entries["key"], value_set=keys))
+    return set(pc.unique(hits).to_pylist())
+
+
+def load_index(root: Path) -> FileIndex:
+    """The index, rebuilt from the files on disk when missing or out of date."""
+    path = root / INDEX
+    on_disk = {name: set(data_files(root, name)) for name in schema.TABLES}
+    if path.exists():
+        index = FileIndex.from_table(pq.read_table(path).cast(_INDEX_SCHEMA))
+        if all(index.all_files(name) == on_disk[name] for name in schema.TABLES):
+            return index
+    return rebuild_index(root, on_disk)
+
+
+def rebuild_index(root: Path, on_disk: Mapping[str, set[str]]) -> FileIndex:
+    """Read only the key column of every file (projection): the recovery path."""
+    per_table = {}
+    for name, files in on_disk.items():
+        key = KEY_COLUMN[name]
+        parts = []
+        for rel in sorted(files):
+            keys = pc.unique(pq.read_table(root / rel, columns=[key])[key].combine_chunks())
+            parts.append(pa.table({"key": keys.cast(pa.string()), "file": pa.array([rel] * len(keys), pa.string())}))
+        per_table[name] = (
+            pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string()), "file": pa.array([], pa.string())})
+        )
+    return FileIndex(per_table)
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def stage_partitions(stages: pa.Table) -> pa.Array:
+    """``YYYY-MM-DD`` (UTC) of each stage's ``created``; null → the hive default."""
+    created = stages["created"].combine_chunks()
+    # Integer days since the epoch, not a tz-dependent cast: UTC by construction.
+    micros = pc.cast(created, pa.int64())
+    days = pc.floor(pc.divide(pc.cast(micros, pa.float64()), float(_US_PER_DAY)))
+    dates = pc.cast(pc.cast(pc.cast(days, pa.int32()), pa.date32()), pa.string())
+    return pc.fill_null(dates, NULL_PARTITION)
+
+
+def child_partitions(children: pa.Table, stages: pa.Table, stage_parts: pa.Array) -> pa.Array:
+    """A child row lives in its stage's partition (looked up by call_stage_id)."""
+    positions = pc.index_in(children["call_stage_id"], value_set=stages["call_stage_id"].combine_chunks())
+    return pc.fill_null(pc.take(stage_parts, positions), NULL_PARTITION)
+
+
+def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, pa.Table]:
+    """Rows grouped by partition folder: one sort, then zero-copy slices."""
+    if not rows.num_rows:
+        return {}
+    if column is None or values is None:
+        return {folder: rows}
+    order = pc.sort_indices(values)
+    rows, values = rows.take(order), pc.take(values, order)
+    groups: dict[str, pa.Table] = {}
+    offset = 0
+    for item in pc.value_counts(values):  # sorted input → runs in order
+        value, count = item["values"].as_py(), item["counts"].as_py()
+        groups[f"{folder}/{column}={value}"] = rows.slice(offset, count)
+        offset += count
+    return groups
+
+
+# --------------------------------------------------------------------------- transaction
+
+
+@dataclass
+class FileJob:
+    """One new file: existing files (minus replaced keys) + new rows, merged.
+
+    Built in a worker thread (read, filter, concat, write all release the GIL), so
+    the partitions of a commit are encoded on all cores at once.
+    """
+
+    table: schema.Table
+    final: str
+    staged: Path
+    #: Files to carry over, each with the keys whose rows are dropped (None: keep all).
+    sources: list[tuple[Path, pa.Array | None]]
+    rows: pa.Table | None
+
+    def build(self) -> pa.Array | None:
+        """Write the file; return its distinct keys (None when no row is left)."""
+        key = KEY_COLUMN[self.table.name]
+        pieces = []
+        for path, drop in self.sources:
+            rows = _conform(pq.read_table(path), self.table)
+            if drop is not None:
+                rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
+            pieces.append(rows)
+        if self.rows is not None:
+            pieces.append(self.rows)
+        merged = pa.concat_tables(pieces)
+        if not merged.num_rows:
+            return None
+        _write_file(merged, self.staged)
+        return pc.unique(merged[key].combine_chunks())
+
+
+class Transaction:
+    """One journaled commit: plan replacements table by table, then :meth:`commit`."""
+
+    def __init__(self, root: Path, index: FileIndex, pool: ThreadPoolExecutor):
+        self.root = root
+        self.tx_id = f"{time.time_ns():x}-{secrets.token_hex(4)}"
+        self.tx_dir = root / STAGING / f"tx-{self.tx_id}"
+        self.per_table = dict(index.per_table)
+        self.pool = pool
+        self.deletes: dict[str, list[str]] = {}
+        self.jobs: list[tuple[FileJob, Future[pa.Array | None]]] = []
+        self._files = index.files
+        self._seq = 0
+
+    def rows_with_keys(self, table: schema.Table, keys: pa.Array) -> pa.Table:
+        """Current rows of ``table`` whose key is in ``keys`` (reads only their files)."""
+        key = KEY_COLUMN[table.name]
+        files = _files_with_keys(self.per_table[table.name], keys)
+        pieces = [_conform(pq.read_table(self.root / rel), table) for rel in sorted(files)]
+        if not pieces:
+            return table.arrow_schema.empty_table()
+        rows = pa.concat_tables(pieces)
+        return rows.filter(pc.is_in(rows[key], value_set=keys))
+
+    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table]) -> None:
+        """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
+
+        Per touched folder: files holding removed keys are rewritten without them,
+        crowded folders fold their small files in, and all of it plus the folder's new
+        rows becomes one new file. Untouched folders and files are left alone.
+        """
+        hits = _files_with_keys(self.per_table[table.name], remove)
+        touched = {_partition_of(rel) for rel in hits} | set(groups)
+        gone: list[str] = []
+        for folder in sorted(touched):
+            existing = self._files[table.name].get(folder, set())
+            rewrite = sorted(hits & existing)
+            compact = self._compaction(existing - set(rewrite))
+            sources: list[tuple[Path, pa.Array | None]] = [(self.root / rel, remove) for rel in rewrite]
+            sources += [(self.root / rel, None) for rel in compact]
+            rows = _conform(groups[folder], table) if folder in groups else None
+            gone += rewrite + compact
+            self._submit(table, folder, sources, rows)
+        self.deletes[table.name] = gone
+
+    def _compaction(self, keep: set[str]) -> list[str]:
+        """Small files to fold into this commit's new file when the folder is crowded."""
+        if len(keep) + 1 <= MAX_FILES_PER_PARTITION:
+            return []
+        small = sorted(rel for rel in keep if (self.root / rel).stat().st_size < COMPACT_BELOW_BYTES)
+        return small if len(small) >= 2 else []
+
+    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | None) -> None:
+        self._seq += 1
+        job = FileJob(
+            table,
+            final=f"{folder}/part-{self.tx_id}-{self._seq:05d}.parquet",
+            staged=self.tx_dir / f"{self._seq:05d}.parquet",
+            sources=sources,
+            rows=rows,
+        )
+        self.jobs.append((job, self.pool.submit(job.build)))
+
+    # -- committing
+
+    def commit(self) -> FileIndex:
+        """Finish the files, stage the index, write the journal (commit point), apply."""
+        self.tx_dir.mkdir(parents=True, exist_ok=True)
+        keys = _wait_all([future for _, future in self.jobs])
+        renames = []
+        added: dict[str, list[pa.Table]] = {}
+        for (job, _), file_keys in zip(self.jobs, keys, strict=True):
+            if file_keys is None:
+                continue  # every row of those files was replaced: nothing to rename
+            renames.append((job.staged.relative_to(self.root).as_posix(), job.final))
+            entries = pa.table({"key": file_keys, "file": pa.array([job.final] * len(file_keys), pa.string())})
+            added.setdefault(job.table.name, []).append(entries)
+        index = self._new_index(added)
+        staged_index = self.tx_dir / "index.parquet"
+        _write_file(index.to_table(), staged_index)
+        renames.append((staged_index.relative_to(self.root).as_posix(), INDEX))
+        _fsync_path(self.tx_dir)
+        _checkpoint("staged")
+        self._write_journal(renames, [rel for gone in self.deletes.values() for rel in gone])
+        _checkpoint("journaled")
+        apply_journal(self.root)
+        shutil.rmtree(self.tx_dir, ignore_errors=True)
+        return index
+
+    def _new_index(self, added: Mapping[str, list[pa.Table]]) -> FileIndex:
+        per_table = dict(self.per_table)
+        for name, gone in self.deletes.items():
+            entries = per_table[name]
+            if gone:
+                entries = entries.filter(pc.invert(pc.is_in(entries["file"], value_set=pa.array(gone, pa.string()))))
+            per_table[name] = pa.concat_tables([entries, *added.get(name, [])])
+        return FileIndex(per_table)
+
+    def abort(self) -> None:
+        """Before the journal only: drop this transaction's staging files."""
+        futures = [future for _, future in self.jobs]
+        for future in futures:
+            future.cancel()
+        wait(futures)  # running writes must finish before their folder goes
+        shutil.rmtree(self.tx_dir, ignore_errors=True)
+
+    def _write_journal(self, renames: list[tuple[str, str]], deletes: list[str]) -> None:
+        staging = self.root / STAGING
+        body = json.dumps({"tx": self.tx_id, "renames": renames, "deletes": deletes}).encode()
+        tmp = staging / f"{JOURNAL}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, staging / JOURNAL)
+        _fsync_path(staging)
+
+
+def _wait_all(futures: Sequence[Future[Any]]) -> list[Any]:
+    """Wait for every job; raise the first error only once none is still running."""
+    wait(futures)
+    return [future.result() for future in futures]
+
+
+def _write_file(rows: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows, path, **_WRITE_OPTIONS)
+    _fsync_path(path)
+
+
+# --------------------------------------------------------------------------- warehouse
+
+
+class ParquetWarehouse(Warehouse):
+    format = "parquet"
+
+    def __init__(self, path: Path, wait_for_lock: bool = False):
+        super().__init__(path, wait_for_lock)
+        self._lock = OutputLock(path / STAGING / LOCK, wait=wait_for_lock)
+        self._index: FileIndex | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    @property
+    def index(self) -> FileIndex:
+        assert self._index is not None, "warehouse not open"
+        return self._index
+
+    def open(self) -> None:
+        check_output_folder(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_marker(self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot create Parquet folder {self.path}: {exc.strerror}") from exc
+        self._lock.acquire()
+        try:
+            heal(self.path)
+            self._index = load_index(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
+        # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
+        self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
+        self._con = duckdb.connect()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        self._index = None
+        self._lock.release()
+
+    def call_statuses(self) -> dict[str, str]:
+        files = sorted(self.index.all_files("etl_calls"))
+        if not files:
+            return {}
+        rows = pa.concat_tables([pq.read_table(self.path / rel, columns=["call_id", "status"]) for rel in files])
+        return dict(zip(rows["call_id"].to_pylist(), rows["status"].to_pylist(), strict=True))
+
+    def save_run(self, run: RunRecord) -> None:
+        row = run.as_row()
+        row["options"] = json.dumps(row["options"], sort_keys=True)
+        rows = pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema)
+        self._transact(
+            lambda tx: tx.replace(
+                schema.ETL_RUNS,
+                pa.array([run.run_id], pa.string()),
+                split_by_partition(rows, schema.ETL_RUNS.name, None, None),
+            )
+        )
+
+    def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
+        if not outcomes:
+            return
+        batch = outcomes_table(outcomes, run_id)
+        # Loaded and 404 calls are replaced as a unit; failed calls keep their rows.
+        replaced = batch["call_id"].filter(pc.not_equal(batch["status"], "failed")).combine_chunks()
+        groups = _data_groups(tables, replaced)
+
+        def work(tx: Transaction) -> None:
+            for table in schema.DATA_TABLES:
+                tx.replace(table, replaced, groups[table.name])
+            all_ids = batch["call_id"].combine_chunks()
+            previous = tx.rows_with_keys(schema.ETL_CALLS, all_ids)
+            merged = self._merge_etl_calls(batch, previous)
+            tx.replace(schema.ETL_CALLS, all_ids, split_by_partition(merged, schema.ETL_CALLS.name, None, None))
+
+        self._transact(work)
+
+    def _merge_etl_calls(self, batch: pa.Table, previous: pa.Table) -> pa.Table:
+        """The DuckDB warehouse's merge SQL, run in memory over Arrow (same semantics)."""
+        con = self._con
+        assert con is not None, "warehouse not open"
+        con.register("batch_outcomes", batch)
+        con.register("previous_rows", previous)
+        try:
+            con.execute("CREATE OR REPLACE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows")
+            merged = _to_arrow(con.sql(MERGE_ETL_CALLS_SQL))
+        finally:
+            con.execute("DROP VIEW IF EXISTS previous")
+            con.unregister("batch_outcomes")
+            con.unregister("previous_rows")
+        merged = merged.select(schema.ETL_CALLS.column_names)
+        return merged.cast(schema.ETL_CALLS.arrow_schema)
+
+    def _transact(self, work: Callable[[Transaction], None]) -> None:
+        assert self._pool is not None, "warehouse not open"
+        tx = Transaction(self.path, self.index, self._pool)
+        try:
+            work(tx)
+        except BaseException:
+            tx.abort()
+            raise
+        try:
+            self._index = tx.commit()
+        except BaseException:
+            # Before the journal exists heal() drops the staging files; after, it rolls
+            # the commit forward. Either way memory must follow what the disk now holds.
+            self._index = None
+            heal(self.path)
+            self._index = load_index(self.path)
+            raise
+
+
+def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table]]:
+    """The batch's rows of each data table, split into partition folders."""
+    empty = {t.name: t.arrow_schema.empty_table() for t in schema.DATA_TABLES}
+    rows = {}
+    for name, blank in empty.items():
+        given = tables.get(name)
+        rows[name] = _conform(blank if given is None else given, schema.TABLES[name])
+    for name, table in rows.items():
+        stray = pc.invert(pc.is_in(table["call_id"], value_set=replaced))
+        if pc.any(stray).as_py():
+            raise ValueError(f"{name}: rows for calls that are not loaded in this batch")
+    stages = rows["call_stages"]
+    stage_parts = stage_partitions(stages)
+    groups = {}
+    for table in schema.DATA_TABLES:
+        part_values = stage_parts if table is schema.CALL_STAGES else child_partitions(rows[table.name], stages, stage_parts)
+        groups[table.name] = split_by_partition(rows[table.name], table.name, table.partition_by, part_values)
+    return groups
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _heal_if_idle(path: Path) -> None:
+    """A reader after a crashed run: finish its committed journal if no writer is active."""
+    if not (path / STAGING / JOURNAL).exists():
+        return
+    lock = OutputLock(path / STAGING / LOCK)
+    try:
+        lock.acquire()
+    except (OutputError, OSError):
+        return  # a writer is active (it heals on open) or the folder is read-only
+    try:
+        apply_journal(path)
+    except OSError:
+        pass  # read-only: the next writer heals
+    finally:
+        lock.release()
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(path: Path, table: schema.Table) -> str:
+    """SELECT over the table's files with the DuckDB output's column types and order."""
+    pattern = _sql_literal(f"{(path / table.name).as_posix()}/**/*.parquet")
+    cols = ", ".join(f"CAST({c.name} AS {c.sql_type}) AS {c.name}" for c in table.columns)
+    return f"SELECT {cols} FROM read_parquet({pattern}, hive_partitioning = true, union_by_name = true)"
+
+
+def connect_views(path: Path) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB with one view per table, typed like the DuckDB output."""
+    check_output_folder(path, must_exist=True)
+    _heal_if_idle(path)
+    con = duckdb.connect()
+    for table in schema.TABLES.values():
+        if data_files(path, table.name):
+            con.execute(f"CREATE VIEW {table.name} AS {view_sql(path, table)}")
+        else:
+            # No files yet: an empty typed table keeps queries working on a fresh dataset.
+            con.execute(table.create_sql())
+    return con
+

@@ -1,0 +1,558 @@
+"""Transform: each call's stages → Arrow tables ``call_stages``,
+``stage_inactivity_messages`` and ``stage_voices`` (CONTRACT.md, "Warehouse tables").
+
+A call is validated as a whole: one bad stage fails the call with a short reason (no
+secrets, no prompt text) and none of its rows are produced; other calls are not
+affected. So a call is always loaded completely or not at all.
+
+How it is fast (bench/transform_bench.py): values are gathered column by column in
+plain lists and become Arrow arrays once per batch; a failing call is rolled back by
+truncating the lists. Work that is per character or per row in Python is done in bulk
+instead: ``created`` timestamps are validated and parsed by Arrow, stage ids are
+checked by one regex over the column, durations go through a cache of parsed strings
+and become DECIMAL(38,9) via integer nanoseconds. The ``raw`` JSON is encoded by the C
+JSON encoder (built once, not per call as ``json.dumps`` does) *without* the system
+prompt, which is usually most of the stage's bytes; the prompt is JSON-escaped and
+spliced in by DuckDB over the whole column, on both cores. Checks that run in bulk
+fail their call after the fact: its rows are filtered out of the three tables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema
+from pipeline.durations import duration_nanos
+from pipeline.redact import redact_stage
+
+ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
+#: proto3 JSON omits an enum field that has its default value.
+UNSPECIFIED = "END_BEHAVIOR_UNSPECIFIED"
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+_DECIMAL = pa.decimal128(38, 9)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_TEXT_FIELDS = (
+    ("model", "model"),
+    ("systemPrompt", "system_prompt"),
+    ("languageHint", "language_hint"),
+    ("voice", "voice"),
+    ("timeExceededMessage", "time_exceeded_message"),
+)
+_INT_FIELDS = (
+    ("initialTokenCount", "initial_token_count"),
+    ("latestTokenCount", "latest_token_count"),
+    ("errorCount", "error_count"),
+)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_COLUMN = "^" + _UUID.pattern + "$"
+#: Prompts shorter than this are encoded along with the rest of the stage.
+SPLICE_MIN_CHARS = 256
+
+
+class StageError(ValueError):
+    """A stage that cannot be loaded; fails its whole call."""
+
+
+@dataclass
+class TransformResult:
+    tables: dict[str, pa.Table]
+    stage_counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _make_encoder() -> Callable[[Any], str]:
+    """Compact JSON (``separators=(",", ":")``, ``ensure_ascii=False``, NaN refused).
+
+    ``json.dumps`` builds a new C encoder on every call, which costs more than encoding
+    a small object; build it once. ``allow_nan=False``: NaN/Infinity (which
+    ``json.loads`` accepts) are not JSON, and DuckDB's JSON type would reject the row.
+    """
+    fallback = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return fallback
+
+    def refuse(value: Any) -> Any:
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    try:
+        iterencode = make(None, refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+
+        def encode(value: Any) -> str:
+            return "".join(iterencode(value, 0))
+
+        probe = {"a": [1, 2.5, None, True, "é\n"], "b": {}}
+        if encode(probe) == fallback(probe):
+            return encode
+    except TypeError:  # another interpreter's private signature
+        pass
+    return fallback
+
+
+_encode = _make_encoder()
+_encode_text: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+#: Stands in for a long system prompt while the rest of the stage is encoded. Its JSON
+#: form (quotes included) can only appear as this value: a quote inside any string
+#: would be escaped. Still checked: it must occur exactly once.
+_SENTINEL = "\x00ultravox-stages:system-prompt\x00"
+_SENTINEL_JSON = _encode_text(_SENTINEL)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _encode(value)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON type for error messages (never the value: it may be a secret)."""
+    if value is None:
+        return "missing"
+    if type(value) is bool:
+        return "a boolean"
+    if type(value) is float:
+        return "a non-integral number"
+    return {str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text(value: Any, name: str) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise StageError(f"{name} is {_kind(value)}, expected a string")
+
+
+def _integer(value: Any, name: str) -> int | None:
+    # bool is an int subclass: type() rather than isinstance() keeps True out.
+    if type(value) is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return value
+        raise StageError(f"{name} is out of the BIGINT range")
+    if value is None:
+        return None
+    if type(value) is float and value.is_integer():  # 12.0 is a JSON integer too
+        return _integer(int(value), name)
+    raise StageError(f"{name} is {_kind(value)}, expected an integer")
+
+
+def _number(value: Any, name: str) -> float | None:
+    if type(value) is float:
+        return value
+    if value is None:
+        return None
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            raise StageError(f"{name} is out of the DOUBLE range") from None
+    raise StageError(f"{name} is {'a string' if type(value) is str else _kind(value)}, expected a number")
+
+
+#: Parsed durations by text: the API uses a handful of values ("30s", "15s", ...).
+_nanos_cache: dict[str, int] = {}
+
+
+def _duration_nanos(text: Any, where: str) -> int:
+    try:
+        # The OpenAPI pattern allows 12 integer digits, beyond protobuf's range: a
+        # call the API's schema allows is loaded, its value kept exactly.
+        nanos = duration_nanos(text, check_range=False)
+    except ValueError as exc:
+        raise StageError(f"{where}: {exc}") from None
+    if len(_nanos_cache) >= 4096:
+        _nanos_cache.clear()
+    _nanos_cache[text] = nanos
+    return nanos
+
+
+def _provider(voice: dict[str, Any]) -> tuple[str, Any]:
+    """ExternalVoice is a one-of: the provider is the key that is set. Unknown keys
+    (retired ``playHt``, future providers) are providers as well. If several are set
+    (the API should not), the first with a non-null value wins."""
+    for key, value in voice.items():
+        if value is not None:
+            return str(key), value
+    key = next(iter(voice))
+    return str(key), None
+
+
+def _first(settings: dict[str, Any], names: tuple[str, str]) -> Any:
+    value = settings.get(names[0])
+    return settings.get(names[1]) if value is None else value
+
+
+# --------------------------------------------------------------------------- timestamps
+
+# The shapes the API sends, which Arrow's cast parses exactly like the slow path.
+_CREATED_FAST = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+# RFC 3339 date-time: "T"/"Z" in either case (RFC 3339 §5.6), a space for "T" (common),
+# any number of fractional digits (truncated to microseconds).
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime (microsecond precision)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"created {text[:40]!r} is not an RFC 3339 timestamp")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    try:
+        micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros)
+        offset = timedelta(0)
+        if not zulu:
+            if int(off_m) > 59:
+                raise ValueError("offset minutes out of range")
+            offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (-1 if sign == "-" else 1)
+        return local.replace(tzinfo=timezone(offset)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise ValueError(f"created {text[:40]!r} is not a valid date and time") from None
+
+
+def _timestamps(values: list[str]) -> tuple[pa.Array, dict[int, str]]:
+    """Parse a column of ``created`` strings: (array, {row: reason} for bad rows)."""
+    strings = pa.array(values, pa.string())
+    if pc.all(pc.match_substring_regex(strings, _CREATED_FAST)).as_py() is not False:
+        try:
+            return strings.cast(_TIMESTAMP), {}
+        except pa.ArrowInvalid:
+            pass  # e.g. February 30th: the slow path finds out which rows
+    parsed: list[datetime | None] = []
+    bad: dict[int, str] = {}
+    for row, text in enumerate(values):
+        try:
+            parsed.append(parse_rfc3339(text))
+        except ValueError as exc:
+            parsed.append(None)
+            bad[row] = str(exc)
+    return pa.array(parsed, _TIMESTAMP), bad
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def _decimal_seconds(nanos: list[int | None]) -> pa.Array:
+    """DECIMAL(38,9) from integer nanoseconds, exactly: the decimal's unscaled value is
+    the nanosecond count, so cast to DECIMAL(38,0) and reinterpret the scale."""
+    try:
+        unscaled = pa.array(nanos, pa.int64()).cast(pa.decimal128(38, 0))
+    except (OverflowError, pa.ArrowInvalid):  # beyond ±292 years: rare, slower
+        unscaled = pa.array(nanos, pa.decimal128(38, 0))
+    return unscaled.view(_DECIMAL)
+
+
+def _strings(values: list[str | None]) -> pa.Array:
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:
+        # json.loads turns an escaped lone surrogate ("\ud800") into a str that is not
+        # valid UTF-8. Keep the row, with U+FFFD in its place.
+        return pa.array(
+            [v if v is None else v.encode("utf-8", "replace").decode("utf-8") for v in values], pa.string()
+        )
+
+
+def _splice_raw(heads: list[str], prompts: pa.Array, tails: list[str | None]) -> pa.Array:
+    """``head + JSON(prompt) + tail`` per row (tail None: the head is the whole JSON).
+
+    JSON-escaping a few KB of prompt per stage is the costliest step in Python; DuckDB
+    does it over the column with its own threads (the GIL is released meanwhile).
+    """
+    if all(tail is None for tail in tails):
+        return _strings(heads)
+    table = pa.table({"h": _strings(heads), "p": prompts, "t": _strings(tails)})
+    con = duckdb.connect()
+    try:
+        con.register("stages", table)
+        # DuckDB keeps the input order for a plain projection (preserve_insertion_order).
+        result = con.sql("SELECT h || coalesce(to_json(p)::VARCHAR || t, '') AS raw FROM stages").to_arrow_table()
+    finally:
+        con.close()
+    return result.column(0).combine_chunks().cast(pa.string())
+
+
+# --------------------------------------------------------------------------- batch
+
+
+class _Batch:
+    """Column lists for the three tables, filled call by call."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list[Any]] = {
+            c: [] for c in schema.CALL_STAGES.column_names if c not in ("raw", "run_id", "extracted_at")
+        }
+        self.messages: dict[str, list[Any]] = {c: [] for c in schema.STAGE_INACTIVITY_MESSAGES.column_names}
+        self.voices: dict[str, list[Any]] = {c: [] for c in schema.STAGE_VOICES.column_names}
+        # raw = heads[i] + JSON(system_prompt[i]) + tails[i] (see _splice_raw).
+        self.heads: list[str] = []
+        self.tails: list[str | None] = []
+        self._all = [*self.stages.values(), *self.messages.values(), *self.voices.values(), self.heads, self.tails]
+
+    def mark(self) -> list[int]:
+        return [len(column) for column in self._all]
+
+    def rollback(self, mark: list[int]) -> None:
+        for column, length in zip(self._all, mark):
+            del column[length:]
+
+    def add_call(self, call_id: str, stages: Sequence[Any]) -> None:
+        seen: set[str] = set()
+        for index, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                raise StageError(f"stage {index} is {_kind(stage)}, not an object")
+            stage_id = self._stage_id(stage, index, call_id)
+            if stage_id in seen:
+                raise StageError(f"stage {stage_id} appears twice")
+            seen.add(stage_id)
+            try:
+                self._add_stage(stage, stage_id, call_id, index)
+            except StageError as exc:
+                raise StageError(f"stage {stage_id}: {exc}") from None
+
+    @staticmethod
+    def _stage_id(stage: dict[str, Any], index: int, call_id: str) -> str:
+        stage_id = stage.get("callStageId")
+        if type(stage_id) is not str:
+            raise StageError(f"stage {index} has no callStageId")
+        # Checked to be a UUID in bulk afterwards (_Batch.bad_stage_ids).
+        stage_id = stage_id.lower()
+        owner = stage.get("callId")
+        if owner != call_id and (type(owner) is not str or owner.lower() != call_id):
+            if owner is None:
+                raise StageError(f"stage {stage_id[:40]} has no callId")
+            raise StageError(f"stage {stage_id[:40]} belongs to call {str(owner)[:40]}")
+        return stage_id
+
+    def _add_stage(self, stage: dict[str, Any], stage_id: str, call_id: str, index: int) -> None:
+        get = stage.get
+        created = get("created")
+        if type(created) is not str:
+            raise StageError(f"created is {_kind(created)}, expected an RFC 3339 timestamp")
+        texts = [_text(get(api), api) for api, _ in _TEXT_FIELDS]
+        ints = [_integer(get(api), api) for api, _ in _INT_FIELDS]
+        temperature = _number(get("temperature"), "temperature")
+        experimental, initial_state = get("experimentalSettings"), get("initialState")
+        redacted = redact_stage(stage)
+        self._raw(redacted, texts[1])
+        count = self._add_messages(get("inactivityMessages"), stage_id, call_id)
+        self._add_voices(redacted, stage_id, call_id)
+        cols = self.stages
+        cols["call_stage_id"].append(stage_id)
+        cols["call_id"].append(call_id)
+        cols["stage_index"].append(index)
+        cols["created"].append(created)
+        for (_, column), value in zip(_TEXT_FIELDS, texts):
+            cols[column].append(value)
+        cols["temperature"].append(temperature)
+        for (_, column), value in zip(_INT_FIELDS, ints):
+            cols[column].append(value)
+        cols["experimental_settings"].append(None if experimental is None else _encode(experimental))
+        cols["initial_state"].append(None if initial_state is None else _encode(initial_state))
+        cols["inactivity_message_count"].append(count)
+
+    def _raw(self, redacted: dict[str, Any], prompt: str | None) -> None:
+        """Encode the stage for ``raw``; a long prompt is left out to be spliced in."""
+        try:
+            if prompt is not None and len(prompt) >= SPLICE_MIN_CHARS:
+                shell = dict(redacted)
+                shell["systemPrompt"] = _SENTINEL
+                text = _encode(shell)
+                at = text.find(_SENTINEL_JSON)
+                if text.find(_SENTINEL_JSON, at + 1) < 0:
+                    self.heads.append(text[:at])
+                    self.tails.append(text[at + len(_SENTINEL_JSON):])
+                    return
+            self.heads.append(_encode(redacted))
+            self.tails.append(None)
+        except ValueError:
+            raise StageError("contains NaN or Infinity, which JSON cannot hold") from None
+        except RecursionError:
+            raise StageError("is nested too deeply") from None
+
+    def _add_messages(self, messages: Any, stage_id: str, call_id: str) -> int:
+        if messages is None:
+            return 0
+        if not isinstance(messages, list):
+            raise StageError(f"inactivityMessages is {_kind(messages)}, expected a list")
+        cols = self.messages
+        offset = 0
+        for position, message in enumerate(messages):
+            where = f"inactivityMessages[{position}]"
+            if not isinstance(message, dict):
+                raise StageError(f"{where} is {_kind(message)}, not an object")
+            duration = message.get("duration")
+            nanos: int | None = None
+            if duration is not None:
+                nanos = _nanos_cache.get(duration) if type(duration) is str else None
+                if nanos is None:
+                    nanos = _duration_nanos(duration, where)
+                # "Durations are cumulative, so a message m > 1 with duration 30s will
+                # be spoken 30 seconds after message m-1": offset = running sum. A
+                # message without a duration adds nothing (proto3 default: 0s).
+                offset += nanos
+            end = message.get("endBehavior")
+            cols["call_stage_id"].append(stage_id)
+            cols["call_id"].append(call_id)
+            cols["position"].append(position)
+            cols["duration"].append(duration)
+            cols["duration_seconds"].append(nanos)
+            cols["offset_seconds"].append(offset)
+            cols["message"].append(_text(message.get("message"), f"{where}.message"))
+            # proto3 JSON leaves an enum out when it has its default value.
+            cols["end_behavior"].append(UNSPECIFIED if end is None else _text(end, f"{where}.endBehavior"))
+        return len(messages)
+
+    def _add_voices(self, redacted: dict[str, Any], stage_id: str, call_id: str) -> None:
+        cols = self.voices
+        for api_field, role in ROLES:
+            voice = redacted.get(api_field)
+            if voice is None:
+                continue
+            if not isinstance(voice, dict):
+                raise StageError(f"{api_field} is {_kind(voice)}, not an object")
+            if not voice:
+                continue
+            provider, settings = _provider(voice)
+            voice_id = model = speed = None
+            if isinstance(settings, dict):
+                where = f"{api_field}.{provider[:40]}"
+                voice_id = _text(settings.get("voiceId"), f"{where}.voiceId")
+                model = _text(_first(settings, ("model", "modelId")), f"{where}.model")
+                speed = _number(_first(settings, ("speed", "speakingRate")), f"{where}.speed")
+            try:
+                settings_json = None if settings is None else _encode(settings)
+            except ValueError:
+                raise StageError(f"{api_field} contains NaN or Infinity") from None
+            cols["call_stage_id"].append(stage_id)
+            cols["call_id"].append(call_id)
+            cols["role"].append(role)
+            cols["provider"].append(provider)
+            cols["voice_id"].append(voice_id)
+            cols["model"].append(model)
+            cols["speed"].append(speed)
+            cols["settings"].append(settings_json)
+
+    # ----------------------------------------------------------------- to Arrow
+
+    def bad_rows(self) -> tuple[dict[int, str], pa.Array]:
+        """Bulk checks: {stage row: reason} for bad stage ids / timestamps, and the
+        parsed ``created`` column."""
+        ids = pa.array(self.stages["call_stage_id"], pa.string())
+        bad: dict[int, str] = {}
+        if len(ids) and not pc.all(pc.match_substring_regex(ids, _UUID_COLUMN)).as_py():
+            for row, stage_id in enumerate(self.stages["call_stage_id"]):
+                if not _UUID.fullmatch(stage_id):
+                    bad[row] = f"stage {self.stages['stage_index'][row]}: callStageId is not a UUID"
+        created, bad_created = _timestamps(self.stages["created"])
+        for row, reason in bad_created.items():
+            bad.setdefault(row, f"stage {self.stages['call_stage_id'][row][:40]}: {reason}")
+        return bad, created
+
+    def tables(self, created: pa.Array, run_id: str, extracted_at: datetime) -> dict[str, pa.Table]:
+        stages = self.stages
+        n = len(stages["call_stage_id"])
+        arrays: dict[str, pa.Array] = {}
+        for column in schema.CALL_STAGES.columns:
+            name = column.name
+            if name == "created":
+                arrays[name] = created
+            elif name == "raw":
+                prompts = _strings(stages["system_prompt"])
+                arrays[name] = _splice_raw(self.heads, prompts, self.tails)
+                arrays["system_prompt"] = prompts
+            elif name == "run_id":
+                arrays[name] = pa.repeat(pa.scalar(run_id, pa.string()), n)
+            elif name == "extracted_at":
+                arrays[name] = pa.repeat(pa.scalar(extracted_at, _TIMESTAMP), n)
+            elif name != "system_prompt":
+                arrays[name] = _column(stages[name], column)
+        return {
+            schema.CALL_STAGES.name: _table(schema.CALL_STAGES, arrays),
+            schema.STAGE_INACTIVITY_MESSAGES.name: _table(
+                schema.STAGE_INACTIVITY_MESSAGES,
+                {c.name: _column(self.messages[c.name], c) for c in schema.STAGE_INACTIVITY_MESSAGES.columns},
+            ),
+            schema.STAGE_VOICES.name: _table(
+                schema.STAGE_VOICES, {c.name: _column(self.voices[c.name], c) for c in schema.STAGE_VOICES.columns}
+            ),
+        }
+
+
+def _column(values: list[Any], column: schema.Column) -> pa.Array:
+    if column.sql_type == schema.DECIMAL:
+        return _decimal_seconds(values)
+    if column.arrow_type == pa.string():
+        return _strings(values)
+    return pa.array(values, column.arrow_type)
+
+
+def _table(table: schema.Table, arrays: dict[str, pa.Array]) -> pa.Table:
+    return pa.Table.from_arrays([arrays[name] for name in table.column_names], schema=table.arrow_schema)
+
+
+def _without_calls(tables: dict[str, pa.Table], call_ids: list[str]) -> dict[str, pa.Table]:
+    if not call_ids:
+        return tables
+    drop = pa.array(call_ids, pa.string())
+    return {name: t.filter(pc.invert(pc.is_in(t["call_id"], value_set=drop))) for name, t in tables.items()}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _normal_call_id(call_id: str) -> str | None:
+    if type(call_id) is not str:
+        return None
+    lowered = call_id.strip().lower()
+    return lowered if _UUID.fullmatch(lowered) else None
+
+
+def transform_calls(
+    calls: Sequence[tuple[str, Sequence[Any]]], run_id: str, extracted_at: datetime
+) -> TransformResult:
+    """Flatten each call's stages (in API order, not yet redacted) into the three
+    data tables. Calls that fail validation are in ``failures`` and have no rows."""
+    result = TransformResult(tables={})
+    batch = _Batch()
+    # A call listed twice: the later stages win (like the loader's replace-per-call).
+    latest = {call_id: stages for call_id, stages in calls}
+    keys: dict[str, str] = {}  # normalised id → the caller's id
+    for call_id, stages in latest.items():
+        normal = _normal_call_id(call_id)
+        if normal is None or normal in keys:
+            result.failures[call_id] = "call id is not a UUID" if normal is None else "call listed twice"
+            continue
+        mark = batch.mark()
+        try:
+            batch.add_call(normal, stages)
+        except StageError as exc:
+            batch.rollback(mark)
+            result.failures[call_id] = " ".join(str(exc).split())[:300]
+            continue
+        keys[normal] = call_id
+        result.stage_counts[call_id] = len(stages)
+    bad_rows, created = batch.bad_rows()
+    failed: list[str] = []
+    for row, reason in sorted(bad_rows.items()):
+        normal = batch.stages["call_id"][row]
+        if keys[normal] not in result.failures:
+            failed.append(normal)
+            result.failures[keys[normal]] = reason[:300]
+            del result.stage_counts[keys[normal]]
+    result.tables = _without_calls(batch.tables(created, run_id, extracted_at), failed)
+    return result

@@ -1,0 +1,1 @@
+"""The analysts SQL reports (data package `pipeline.sql`; see pipeline/reports.py)."""

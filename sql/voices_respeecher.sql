@@ -1,0 +1,36 @@
+-- name: voices_respeecher
+-- Respeecher voice settings per stage: sampling parameters.
+-- One row per respeecher voice (role `external` = externalVoice, `override` = voiceOverrides),
+--   typed from stage_voices.settings with DuckDB JSON extraction; a missing or
+--   mistyped field is NULL (TRY_CAST), never an error.
+-- Common columns: call_id, call_stage_id, stage_index, created, stage_model (the
+--   stage's LLM), role, voice_id, tts_model, speed (as in stage_voices).
+-- Columns: seed, top_k (INTEGER), temperature, top_p, min_p, presence_penalty,
+--   repetition_penalty, frequency_penalty (DOUBLE).
+-- Parameters: --since/--until (UTC created date, inclusive), --model (stage model).
+-- Use as a view: CREATE VIEW voices_respeecher AS <this query without the $since/$until/$model conditions>.
+SELECT
+  v.call_id::VARCHAR AS call_id,
+  v.call_stage_id::VARCHAR AS call_stage_id,
+  s.stage_index,
+  s.created,
+  s.model AS stage_model,
+  v.role,
+  v.voice_id,
+  v.model AS tts_model,
+  v.speed,
+  TRY_CAST(v.settings->>'$.seed' AS INTEGER) AS seed,
+  TRY_CAST(v.settings->>'$.temperature' AS DOUBLE) AS temperature,
+  TRY_CAST(v.settings->>'$.topK' AS INTEGER) AS top_k,
+  TRY_CAST(v.settings->>'$.topP' AS DOUBLE) AS top_p,
+  TRY_CAST(v.settings->>'$.minP' AS DOUBLE) AS min_p,
+  TRY_CAST(v.settings->>'$.presencePenalty' AS DOUBLE) AS presence_penalty,
+  TRY_CAST(v.settings->>'$.repetitionPenalty' AS DOUBLE) AS repetition_penalty,
+  TRY_CAST(v.settings->>'$.frequencyPenalty' AS DOUBLE) AS frequency_penalty
+FROM stage_voices v
+JOIN call_stages s ON s.call_stage_id = v.call_stage_id
+WHERE v.provider = 'respeecher'
+  AND ($since IS NULL OR timezone('UTC', s.created)::DATE >= $since::DATE)
+  AND ($until IS NULL OR timezone('UTC', s.created)::DATE <= $until::DATE)
+  AND ($model IS NULL OR s.model = $model)
+ORDER BY s.created NULLS LAST, call_id, s.stage_index, v.role

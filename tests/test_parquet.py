@@ -1,0 +1,400 @@
+"""Parquet warehouse: layout, per-call replacement, file counts, safety, DuckDB parity."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.errors import OutputError
+from pipeline.load.duckdb import DuckDBWarehouse
+from pipeline.load.parquet import INDEX, MARKER, NULL_PARTITION, ParquetWarehouse, connect_views
+from pipeline.records import CallOutcome, RunRecord
+
+BASE = datetime(2024, 3, 1, 6, 0, tzinfo=timezone.utc)
+KEYS = {t.name: t.primary_key for t in schema.TABLES.values()}
+
+# ----------------------------------------------------------------------------- fabrication
+
+
+def call_uuid(c: int) -> str:
+    return str(uuid.UUID(int=(0xCA11 << 64) | c))
+
+
+def stage_uuid(c: int, i: int) -> str:
+    return str(uuid.UUID(int=(0x57A6 << 64) | (c << 16) | i))
+
+
+def stage_count(c: int, v: int) -> int:
+    """Versions of a call differ in their number of stages (re-fetch loses stages)."""
+    return 1 + (c + v) % 4
+
+
+def stage_created(c: int, v: int, i: int) -> datetime | None:
+    if (c + v + i) % 23 == 5:
+        return None  # → __HIVE_DEFAULT_PARTITION__
+    # Dates move between versions, so a re-fetched stage can change partition.
+    return BASE + timedelta(days=(c * 7 + v * 3 + i) % 6, hours=(c + i) % 24, microseconds=c)
+
+
+_WORDS = [f"{w}{n}" for w in ("agent", "caller", "order", "refund", "please", "policy", "ticket", "voice", "say", "never") for n in range(40)]
+_POOL = " ".join(random.Random(7).choices(_WORDS, k=400_000))
+
+
+def prompt_text(c: int, v: int, i: int, size: int) -> str:
+    """Varied, word-like text (compresses like a real prompt, not like 'xxxx');
+    sizes vary per call between a quarter of ``size`` and ``size``."""
+    size = size * (1 + c % 4) // 4
+    start = (c * 7919 + v * 104_729 + i * 1299) % (len(_POOL) - size)
+    return f"v{v} " + _POOL[start : start + size]
+
+
+def fabricate(calls: Iterable[tuple[int, int]], run_id: str = "run-1", prompt_bytes: int = 64) -> dict[str, pa.Table]:
+    """Arrow tables for (call index, version) pairs, matching schema.py.
+
+    Version ``v`` is visible in the rows (latest_token_count, message text, voice id),
+    so a reader can tell which version of a call it sees.
+    """
+    stages: dict[str, list] = {n: [] for n in schema.CALL_STAGES.column_names}
+    msgs: dict[str, list] = {n: [] for n in schema.STAGE_INACTIVITY_MESSAGES.column_names}
+    voices: dict[str, list] = {n: [] for n in schema.STAGE_VOICES.column_names}
+    extracted = BASE + timedelta(days=30)
+    for c, v in calls:
+        cid = call_uuid(c)
+        for i in range(stage_count(c, v)):
+            sid = stage_uuid(c, i)
+            n_msgs = (c + v + i) % 3
+            row = {
+                "call_stage_id": sid, "call_id": cid, "stage_index": i,
+                "created": stage_created(c, v, i), "model": f"model-{v % 3}",
+                "system_prompt": prompt_text(c, v, i, prompt_bytes), "temperature": 0.1 * (i % 5) if i % 4 else None,
+                "language_hint": "en" if i % 2 else None, "voice": f"voice-{c % 5}",
+                "time_exceeded_message": None, "initial_token_count": 10 * i,
+                "latest_token_count": v, "error_count": (c + i) % 2,
+                "experimental_settings": json.dumps({"v": v}) if i % 3 == 0 else None,
+                "initial_state": json.dumps({"k": [1, 2]}), "inactivity_message_count": n_msgs,
+                "raw": json.dumps({"callStageId": sid, "v": v, "systemPrompt": prompt_text(c, v, i, prompt_bytes)}), "run_id": run_id, "extracted_at": extracted,
+            }
+            for k, val in row.items():
+                stages[k].append(val)
+            offset = Decimal(0)
+            for p in range(n_msgs):
+                dur = Decimal(p + 1) + Decimal("0.000000001") * v
+                offset += dur
+                for k, val in {
+                    "call_stage_id": sid, "call_id": cid, "position": p, "duration": f"{dur}s",
+                    "duration_seconds": dur, "offset_seconds": offset, "message": f"v{v} msg {p}",
+                    "end_behavior": "END_BEHAVIOR_UNSPECIFIED",
+                }.items():
+                    msgs[k].append(val)
+            roles = (["external"] if (c + i) % 2 else []) + (["override"] if v % 2 else [])
+            for role in roles:
+                for k, val in {
+                    "call_stage_id": sid, "call_id": cid, "role": role, "provider": "elevenLabs",
+                    "voice_id": f"v{v}", "model": "eleven_v2", "speed": 1.0,
+                    "settings": json.dumps({"voiceId": f"v{v}", "headers": {"a": "<redacted>"}}),
+                }.items():
+                    voices[k].append(val)
+    return {
+        "call_stages": pa.Table.from_pydict(stages, schema=schema.CALL_STAGES.arrow_schema),
+        "stage_inactivity_messages": pa.Table.from_pydict(msgs, schema=schema.STAGE_INACTIVITY_MESSAGES.arrow_schema),
+        "stage_voices": pa.Table.from_pydict(voices, schema=schema.STAGE_VOICES.arrow_schema),
+    }
+
+
+def outcomes_for(spec: Sequence[tuple[int, str, int]], at: datetime | None = None) -> list[CallOutcome]:
+    """(call, status, version) → outcomes; loaded calls report their stage count."""
+    at = at or BASE + timedelta(days=30)
+    return [
+        CallOutcome(
+            call_uuid(c), status,  # type: ignore[arg-type]
+            stage_count(c, v) if status == "loaded" else (0 if status == "not_found" else None),
+            "boom" if status == "failed" else None, at,
+        )
+        for c, status, v in spec
+    ]
+
+
+def commit_spec(wh, spec: Sequence[tuple[int, str, int]], run_id: str = "run-1", prompt_bytes: int = 64) -> None:
+    tables = fabricate([(c, v) for c, s, v in spec if s == "loaded"], run_id, prompt_bytes)
+    wh.commit_calls(tables, outcomes_for(spec), run_id)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def rows(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple]:
+    order = ", ".join(KEYS[table])
+    return con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+
+
+def view_rows(path: Path, table: str) -> list[tuple]:
+    con = connect_views(path)
+    try:
+        return rows(con, table)
+    finally:
+        con.close()
+
+
+def assert_unique_keys(path: Path) -> None:
+    con = connect_views(path)
+    try:
+        for table, key in KEYS.items():
+            cols = ", ".join(key)
+            total, distinct = con.execute(
+                f"SELECT count(*), (SELECT count(*) FROM (SELECT DISTINCT {cols} FROM {table})) FROM {table}"
+            ).fetchall()[0]
+            assert total == distinct, f"{table}: duplicate keys"
+    finally:
+        con.close()
+
+
+def parquet_files(root: Path, table: str) -> list[Path]:
+    return sorted((root / table).rglob("*.parquet"))
+
+
+def versions(path: Path) -> dict[str, set[int]]:
+    """call_id → the versions visible in call_stages (one per call when consistent)."""
+    out: dict[str, set[int]] = {}
+    for cid, v in view_rows_raw(path, "SELECT call_id::VARCHAR, latest_token_count FROM call_stages"):
+        out.setdefault(cid, set()).add(v)
+    return out
+
+
+def view_rows_raw(path: Path, sql: str) -> list[tuple]:
+    con = connect_views(path)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def duckdb_columns(table: schema.Table) -> list[tuple[str, str]]:
+    """(name, type) as the DuckDB output declares them."""
+    con = duckdb.connect()
+    con.execute(table.create_sql())
+    return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {table.name}").fetchall()]
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_commit_and_read_back_with_duckdb_and_pyarrow(out: Path) -> None:
+    spec = [(c, "loaded", 0) for c in range(40)]
+    expected = fabricate([(c, 0) for c in range(40)])
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, spec)
+        assert wh.call_statuses() == {call_uuid(c): "loaded" for c in range(40)}
+    assert (out / MARKER).is_file() and (out / INDEX).is_file()
+    con = duckdb.connect()
+    for table in schema.DATA_TABLES:
+        glob = f"{out}/{table.name}/**/*.parquet"
+        got = con.execute(f"SELECT count(*), count(DISTINCT created_date) FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()[0]
+        assert got[0] == expected[table.name].num_rows
+        described = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()]
+        assert described == table.column_names + ["created_date"]
+        dataset = ds.dataset(out / table.name, format="parquet", partitioning="hive")
+        got_table = dataset.to_table()
+        assert got_table.num_rows == expected[table.name].num_rows
+        assert got_table.schema.names == table.column_names + ["created_date"]
+        # Same rows as committed (file and partition order aside).
+        key = list(table.primary_key)
+        assert got_table.drop_columns(["created_date"]).sort_by([(k, "ascending") for k in key]).equals(
+            expected[table.name].sort_by([(k, "ascending") for k in key])
+        )
+    # Unpartitioned bookkeeping files, standard Parquet types.
+    assert [p.parent.name for p in parquet_files(out, "etl_calls")] == ["etl_calls"]
+    file_schema = pq.read_schema(parquet_files(out, "call_stages")[0])
+    assert file_schema.field("created").type == pa.timestamp("us", tz="UTC")
+    assert "created_date" not in file_schema.names
+    msg_schema = pq.read_schema(parquet_files(out, "stage_inactivity_messages")[0])
+    assert msg_schema.field("duration_seconds").type == pa.decimal128(38, 9)
+
+
+def test_partitions_by_stage_date_children_follow_their_stage(out: Path) -> None:
+    calls = [(c, 0) for c in range(30)]
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", v) for c, v in calls])
+    stage_dates = {}
+    for c, v in calls:
+        for i in range(stage_count(c, v)):
+            created = stage_created(c, v, i)
+            stage_dates[stage_uuid(c, i)] = created.date().isoformat() if created else None
+    folders = {p.name for p in (out / "call_stages").iterdir()}
+    assert f"created_date={NULL_PARTITION}" in folders
+    assert {f"created_date={d}" for d in stage_dates.values() if d} <= folders
+    con = duckdb.connect()
+    for table in schema.DATA_TABLES:
+        glob = f"{out}/{table.name}/**/*.parquet"
+        for sid, date in con.execute(
+            f"SELECT call_stage_id, created_date::VARCHAR FROM read_parquet('{glob}', hive_partitioning=true)"
+        ).fetchall():
+            assert date == stage_dates[sid], (table.name, sid)
+    # A date filter prunes to the folder's files.
+    glob = f"{out}/call_stages/**/*.parquet"
+    plan = con.execute(
+        f"EXPLAIN ANALYZE SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true) WHERE created_date = DATE '2024-03-02'"
+    ).fetchall()
+    assert "Total Files Read: 1" in str(plan)
+    null_rows = pq.ParquetDataset(out / "call_stages", partitioning="hive").read().filter(
+        pa.compute.is_null(pa.compute.field("created_date"))
+    )
+    assert null_rows.num_rows == sum(1 for d in stage_dates.values() if d is None)
+
+
+def test_recommit_same_calls_is_idempotent(out: Path) -> None:
+    spec = [(c, "loaded", 1) for c in range(25)]
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, spec)
+        first = {t.name: view_rows(out, t.name) for t in schema.DATA_TABLES}
+        commit_spec(wh, spec)
+        commit_spec(wh, spec)
+    assert_unique_keys(out)
+    for table in schema.DATA_TABLES:
+        assert view_rows(out, table.name) == first[table.name]
+    attempts = view_rows_raw(out, "SELECT DISTINCT attempts FROM etl_calls")
+    assert attempts == [(3,)]
+
+
+def test_refetch_with_fewer_stages_drops_old_ones_not_found_removes_failed_keeps(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", 0) for c in range(12)])
+        # c=2: version 0 has 3 stages, version 2 has 1 stage.
+        assert stage_count(2, 0) == 3 and stage_count(2, 2) == 1
+        commit_spec(wh, [(2, "loaded", 2), (3, "not_found", 0), (4, "failed", 0), (5, "loaded", 3)])
+        statuses = wh.call_statuses()
+    assert statuses[call_uuid(3)] == "not_found" and statuses[call_uuid(4)] == "failed"
+    assert_unique_keys(out)
+    seen = versions(out)
+    assert seen[call_uuid(2)] == {2} and seen[call_uuid(5)] == {3} and seen[call_uuid(4)] == {0}
+    assert call_uuid(3) not in seen
+    counts = dict(view_rows_raw(out, "SELECT call_id::VARCHAR, count(*) FROM call_stages GROUP BY 1"))
+    assert counts[call_uuid(2)] == 1
+    for table in ("stage_inactivity_messages", "stage_voices"):
+        assert not view_rows_raw(out, f"SELECT * FROM {table} WHERE call_id = '{call_uuid(3)}'")
+        got = {v for (v,) in view_rows_raw(out, f"SELECT DISTINCT {'message' if 'messages' in table else 'voice_id'} FROM {table} WHERE call_id = '{call_uuid(2)}'")}
+        assert all(str(x).startswith("v2") for x in got)
+    failed = view_rows_raw(out, f"SELECT status, stage_count, attempts, error, last_success_at IS NOT NULL FROM etl_calls WHERE call_id = '{call_uuid(4)}'")
+    assert failed == [("failed", stage_count(4, 0), 2, "boom", True)]
+
+
+def test_many_small_commits_keep_file_count_bounded(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
+        for n in range(60):
+            commit_spec(wh, [(1000 + n * 3 + k, "loaded", 0) for k in range(3)], run_id=f"run-{n}")
+            if n % 7 == 0:  # some re-fetches of earlier calls too
+                commit_spec(wh, [(1000 + k, "loaded", n) for k in range(2)], run_id=f"run-{n}b")
+            run = RunRecord(f"run-{n}", BASE, "0.1.0", {"n": n}, status="ok")
+            wh.save_run(run)
+    for table in schema.TABLES:
+        folders: dict[Path, int] = {}
+        for f in parquet_files(out, table):
+            folders[f.parent] = folders.get(f.parent, 0) + 1
+        assert folders and max(folders.values()) <= 9, (table, folders)
+    assert_unique_keys(out)
+    assert len(view_rows(out, "etl_runs")) == 60
+    assert len(view_rows(out, "etl_calls")) == 180
+    assert not [p for p in (out / "_staging").iterdir() if p.name != "lock"]
+
+
+def test_refuses_foreign_folder_and_file_without_touching_them(tmp_path: Path) -> None:
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(OutputError, match="not an ultravox-stages Parquet dataset"):
+        ParquetWarehouse(foreign).open()
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(OutputError, match="is a file"):
+        ParquetWarehouse(a_file).open()
+    assert a_file.read_text() == "keep me"
+    with pytest.raises(OutputError):
+        connect_views(foreign)
+    with pytest.raises(OutputError, match="no warehouse"):
+        connect_views(tmp_path / "missing")
+    # An empty folder is fine: it becomes ours.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with ParquetWarehouse(empty):
+        pass
+    assert (empty / MARKER).is_file()
+
+
+def test_lock_held_names_the_pid(out: Path) -> None:
+    with ParquetWarehouse(out):
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"):
+            ParquetWarehouse(out).open()
+    # Lock lives outside the table folders.
+    assert (out / "_staging" / "lock").exists()
+    fd = os.open(out / "_staging" / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after close
+    finally:
+        os.close(fd)
+
+
+def test_fresh_dataset_has_typed_empty_tables(out: Path) -> None:
+    with ParquetWarehouse(out):
+        pass
+    con = connect_views(out)
+    for table in schema.TABLES.values():
+        assert con.execute(f"SELECT count(*) FROM {table.name}").fetchall()[0] == (0,)
+        described = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {table.name}").fetchall()]
+        assert described == duckdb_columns(table)
+
+
+def test_views_match_duckdb_types(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", 0) for c in range(5)])
+        wh.save_run(RunRecord("r", BASE, "0.1.0", {"a": 1}))
+    con = connect_views(out)
+    for table in schema.TABLES.values():
+        described = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {table.name}").fetchall()]
+        assert described == duckdb_columns(table)
+
+
+def test_same_batches_give_identical_rows_in_duckdb_and_parquet(tmp_path: Path) -> None:
+    batches = [
+        [(c, "loaded", 0) for c in range(30)],
+        [(c, "loaded", 1) for c in range(0, 30, 2)] + [(31, "failed", 0), (3, "failed", 0)],
+        [(5, "not_found", 0), (7, "loaded", 5), (31, "loaded", 2), (3, "failed", 0)],
+        [(c, "loaded", 2) for c in range(10, 20)] + [(40, "not_found", 0)],
+    ]
+    runs = [RunRecord(f"run-{i}", BASE + timedelta(hours=i), "0.1.0", {"batch": i, "nested": {"x": [1]}}) for i in range(len(batches))]
+    duck = DuckDBWarehouse(tmp_path / "w.duckdb")
+    parq = ParquetWarehouse(tmp_path / "pq")
+    for wh in (duck, parq):
+        with wh:
+            for run, spec in zip(runs, batches, strict=True):
+                wh.save_run(run)
+                commit_spec(wh, spec, run_id=run.run_id)
+                run.status, run.finished_at = "ok", BASE + timedelta(days=1)
+                wh.save_run(run)
+            assert wh.call_statuses()
+    with DuckDBWarehouse(tmp_path / "w.duckdb") as d, ParquetWarehouse(tmp_path / "pq") as p:
+        assert d.call_statuses() == p.call_statuses()
+    dcon = duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True)
+    pcon = connect_views(tmp_path / "pq")
+    for table in schema.TABLES:
+        expected = rows(dcon, table)
+        assert expected, table
+        assert rows(pcon, table) == expected, table
