@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import reports
 from pipeline.config import Settings
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL
 from pipeline.load import query_connection
@@ -15,29 +16,13 @@ from pipeline.log import Reporter
 from pipeline.runner import run_export
 from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData
 
-DEMO_QUERIES = {
-    "Tokens by model": """
-        SELECT model, count(*) AS stages,
-               sum(latest_token_count) AS latest_tokens,
-               round(avg(latest_token_count - initial_token_count), 1) AS avg_growth,
-               sum(error_count) AS errors
-        FROM call_stages GROUP BY model ORDER BY stages DESC""",
-    "Errors by voice provider": """
-        SELECT coalesce(v.provider, '(none)') AS provider, count(*) AS stages,
-               sum(s.error_count) AS errors
-        FROM call_stages s LEFT JOIN stage_voices v
-          ON v.call_stage_id = s.call_stage_id AND v.role = 'external'
-        GROUP BY 1 ORDER BY errors DESC, stages DESC""",
-}
-
-
-def _table(con: object, sql: str) -> str:
-    rel = con.sql(sql)  # type: ignore[attr-defined]
-    names = rel.columns
-    rows = [["" if v is None else str(v) for v in row] for row in rel.fetchall()]
-    widths = [max(len(n), *(len(r[i]) for r in rows)) if rows else len(n) for i, n in enumerate(names)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(names), line(["-" * w for w in widths])] + [line(r) for r in rows])
+#: Reports from sql/ shown at the end of the demo (the same ones `report` runs).
+DEMO_REPORTS = ("token_growth_by_model",)
+ERRORS_BY_PROVIDER = """
+    SELECT coalesce(v.provider, '(none)') AS provider, count(*) AS stages, sum(s.error_count) AS errors
+    FROM call_stages s
+    LEFT JOIN stage_voices v ON v.call_stage_id = s.call_stage_id AND v.role = 'external'
+    GROUP BY ALL ORDER BY errors DESC, stages DESC"""
 
 
 def run_demo(n_calls: int, fmt: str, output: Path, progress: bool | None) -> int:
@@ -62,10 +47,16 @@ def run_demo(n_calls: int, fmt: str, output: Path, progress: bool | None) -> int
         " (SELECT count(*) FROM stage_voices), (SELECT coalesce(sum(error_count), 0) FROM call_stages)"
     ).fetchall()[0]
     click.echo(f"Warehouse {output}: {counts[0]} stages, {counts[1]} inactivity messages, {counts[2]} voices, {counts[3]} stage errors.")
-    for title, sql in DEMO_QUERIES.items():
-        click.echo(f"\n{title}\n{_table(con, sql)}")
+    result_set = con.execute(ERRORS_BY_PROVIDER)
+    names = [d[0] for d in result_set.description]
+    click.echo(f"\nErrors by voice provider\n{reports.render_table(names, result_set.fetchall())}")
     con.close()
+    for name in DEMO_REPORTS:
+        description, _ = reports.load_report(name)
+        table = reports.run_report(fmt, output, name, "table", {})
+        click.echo(f"\n{description}  (ultravox-stages report {name} --output {output})\n{table}")
     click.echo(
-        f"\nNext: duckdb {output}  ·  ultravox-stages report --output {output}  ·  ultravox-stages status --output {output}"
+        f"\nNext: ultravox-stages report --output {output}   (lists {len(reports.report_names())} reports)"
+        f"  ·  ultravox-stages status --output {output}"
     )
     return EXIT_OK if run.calls_failed == 0 else EXIT_PARTIAL

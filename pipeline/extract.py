@@ -16,6 +16,7 @@ Flow control, outermost first:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ from pipeline.http import (
     safe_url,
 )
 from pipeline.records import CallFetch, utcnow
+
+
+CONNECTIONS_PER_CLIENT = 4
 
 
 class RunAborted(Exception):
@@ -121,7 +125,7 @@ class ExtractStats:
 @dataclass
 class Extractor:
     settings: Settings
-    client: httpx.AsyncClient
+    clients: list[httpx.AsyncClient]
     base_url: httpx.URL
     stats: ExtractStats = field(default_factory=ExtractStats)
     stopping: bool = False
@@ -130,6 +134,11 @@ class Extractor:
         self.origin = origin(self.base_url)
         self.rate = RateLimiter(self.settings.max_rps)
         self.limit = AdaptiveLimit(self.settings.concurrency)
+        self._turn = 0
+
+    def _client(self) -> httpx.AsyncClient:
+        self._turn += 1
+        return self.clients[self._turn % len(self.clients)]
 
     def first_page_url(self, call_id: str) -> str:
         base = str(self.base_url).rstrip("/")
@@ -146,7 +155,7 @@ class Extractor:
                 raise RunAborted()
             self.stats.requests += 1
             fetch.requests += 1
-            async with self.client.stream("GET", url) as response:
+            async with self._client().stream("GET", url) as response:
                 self.stats.answered += 1
                 body = await read_body(response, self.settings.max_response_bytes)
             kind = classify(response.status_code, response.headers, body, url, self.settings)
@@ -251,8 +260,17 @@ async def extract_calls(
     """Fetch every call, handing each finished CallFetch to ``sink`` (in completion order)."""
     base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
     pending = iter(call_ids)
-    async with build_client(settings, api_key, transport) as client:
-        extractor = Extractor(settings, client, base_url)
+    # Several small connection pools instead of one big one: httpx's pool bookkeeping
+    # grows with its connection count, and with 32–64 requests in flight one shared
+    # pool was several times slower on 2 cores (PERFORMANCE.md; measured in bench/).
+    shards = max(1, settings.concurrency // CONNECTIONS_PER_CLIENT)
+    per_client = -(-settings.concurrency // shards)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(build_client(settings, api_key, transport, per_client))
+            for _ in range(shards)
+        ]
+        extractor = Extractor(settings, clients, base_url)
         if extractor_ready:
             extractor_ready(extractor)
 

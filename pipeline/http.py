@@ -89,12 +89,16 @@ class OriginKeyAuth(httpx.Auth):
 
 
 def build_client(
-    settings: Settings, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings,
+    api_key: str | None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    max_connections: int | None = None,
 ) -> httpx.AsyncClient:
     base = check_base_url(settings.base_url, settings.allow_insecure_http)
+    connections = max_connections or settings.concurrency
     limits = httpx.Limits(
-        max_connections=settings.concurrency,
-        max_keepalive_connections=settings.concurrency,
+        max_connections=connections,
+        max_keepalive_connections=connections,
         keepalive_expiry=30,
     )
     return httpx.AsyncClient(

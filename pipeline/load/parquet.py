@@ -90,11 +90,11 @@ LOCK = "lock"
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 FORMAT_TAG = "ultravox-stages-parquet"
 
-#: Compact a partition's small files once it would hold more files than this.
+#: Compact a folder's small files once it would hold more small files than this.
 MAX_FILES_PER_PARTITION = 8
 #: Files at least this big are left alone by compaction: merging never rewrites big
 #: files just to absorb a few small ones, and merged files stay <= ~9x this size.
-COMPACT_BELOW_BYTES = 16 << 20
+COMPACT_BELOW_BYTES = 4 << 20
 #: Rows per row group: ~64k stages of a few KB is ~100-250 MB uncompressed, the usual
 #: target for scan efficiency; smaller tables get one row group.
 ROW_GROUP_ROWS = 65_536
@@ -451,30 +451,39 @@ class Transaction:
     def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
 
-        Per touched folder: files holding removed keys are rewritten without them,
-        crowded folders fold their small files in, and all of it plus the folder's new
-        rows becomes one new file. Untouched folders and files are left alone.
+        Only folders holding removed keys or receiving rows are touched, and in them
+        only the files holding removed keys (plus small files when compacting).
         """
         hits = _files_with_keys(self.per_table[table.name], remove)
         touched = {_partition_of(rel) for rel in hits} | set(groups)
         gone: list[str] = []
         for folder in sorted(touched):
-            existing = self._files[table.name].get(folder, set())
-            rewrite = sorted(hits & existing)
-            compact = self._compaction(existing - set(rewrite))
-            sources: list[tuple[Path, pa.Array | None]] = [(self.root / rel, remove) for rel in rewrite]
-            sources += [(self.root / rel, None) for rel in compact]
             rows = _conform(groups[folder], table) if folder in groups else None
-            gone += rewrite + compact
-            self._submit(table, folder, sources, rows)
+            gone += self._plan_folder(table, folder, hits, remove, rows)
         self.deletes[table.name] = gone
 
-    def _compaction(self, keep: set[str]) -> list[str]:
-        """Small files to fold into this commit's new file when the folder is crowded."""
-        if len(keep) + 1 <= MAX_FILES_PER_PARTITION:
-            return []
-        small = sorted(rel for rel in keep if (self.root / rel).stat().st_size < COMPACT_BELOW_BYTES)
-        return small if len(small) >= 2 else []
+    def _plan_folder(
+        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | None
+    ) -> list[str]:
+        """Queue the new files of one folder; return the files they supersede."""
+        existing = self._files[table.name].get(folder, set())
+        size = {rel: (self.root / rel).stat().st_size for rel in existing}
+        rewrite = sorted(hits & existing)
+        # A big file holding a replaced call is rewritten on its own (file sizes stay
+        # bounded, the other calls in it keep their neighbours); small ones are folded
+        # into the folder's one new file together with the new rows.
+        big = [rel for rel in rewrite if size[rel] >= COMPACT_BELOW_BYTES]
+        small = [rel for rel in rewrite if size[rel] < COMPACT_BELOW_BYTES]
+        others = sorted(rel for rel in existing - set(rewrite) if size[rel] < COMPACT_BELOW_BYTES)
+        # Crowded with small files (frequent small runs): fold them all in.
+        compact = others if len(others) + 1 > MAX_FILES_PER_PARTITION else []
+        for rel in big:
+            self._submit(table, folder, [(self.root / rel, remove)], None)
+        sources: list[tuple[Path, pa.Array | None]] = [(self.root / rel, remove) for rel in small]
+        sources += [(self.root / rel, None) for rel in compact]
+        if sources or rows is not None:
+            self._submit(table, folder, sources, rows)
+        return rewrite + compact
 
     def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | None) -> None:
         self._seq += 1
