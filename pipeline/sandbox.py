@@ -619,12 +619,17 @@ class SandboxStats:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             self._headers.append(headers)
 
-    def end(self, status: int) -> None:
+    def answered(self, status: int) -> None:
+        """Counted before the answer is written, so a client that has read the answer
+        always sees it counted."""
         with self._lock:
-            self.in_flight -= 1
             self.by_status[status] = self.by_status.get(status, 0) + 1
             if status == 429:
                 self.throttled += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def count_stage_request(self) -> None:
         with self._lock:
@@ -945,17 +950,16 @@ class _Handler(BaseHTTPRequestHandler):
         stats = self.server.app.stats
         headers = {k.lower(): v for k, v in self.headers.items()}
         stats.begin(headers)
-        status = 500
         try:
             host = headers.get("host") or "%s:%s" % self.server.server_address[:2]
             try:
                 reply = self.server.app.respond(self.path, headers, f"http://{host}")
             except Exception:  # a bug or a raising page_hook: answer like a real server would
                 reply = _json_reply(500, {"detail": "A server error occurred."})
-            status = reply.status
+            stats.answered(0 if reply.mode == "reset" else reply.status)
             self._write(reply)
         finally:
-            stats.end(status)
+            stats.end()
 
     def _write(self, reply: _Reply) -> None:
         if reply.mode == "reset":

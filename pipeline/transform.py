@@ -302,6 +302,9 @@ class _Batch:
         self.heads: list[str] = []
         self.tails: list[str | None] = []
         self._all = [*self.stages.values(), *self.messages.values(), *self.voices.values(), self.heads, self.tails]
+        # callStageId → call, for the calls accepted so far: a stage id claimed by two
+        # calls of one batch would break the primary key, so the later call fails.
+        self.owners: dict[str, str] = {}
 
     def mark(self) -> list[int]:
         return [len(column) for column in self._all]
@@ -311,6 +314,8 @@ class _Batch:
             del column[length:]
 
     def add_call(self, call_id: str, stages: Sequence[Any]) -> None:
+        if not isinstance(stages, (list, tuple)):
+            raise StageError(f"stages are {_kind(stages)}, not a list")
         seen: set[str] = set()
         for index, stage in enumerate(stages):
             if not isinstance(stage, dict):
@@ -318,11 +323,14 @@ class _Batch:
             stage_id = self._stage_id(stage, index, call_id)
             if stage_id in seen:
                 raise StageError(f"stage {stage_id} appears twice")
+            if stage_id in self.owners:
+                raise StageError(f"stage {stage_id} also belongs to call {self.owners[stage_id]}")
             seen.add(stage_id)
             try:
                 self._add_stage(stage, stage_id, call_id, index)
             except StageError as exc:
                 raise StageError(f"stage {stage_id}: {exc}") from None
+        self.owners.update(dict.fromkeys(seen, call_id))
 
     @staticmethod
     def _stage_id(stage: dict[str, Any], index: int, call_id: str) -> str:

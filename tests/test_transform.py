@@ -508,3 +508,30 @@ def test_tables_insert_into_duckdb_by_name(result) -> None:
         assert con.execute("SELECT count(*) FROM call_stages WHERE typeof(call_stage_id) = 'UUID'").fetchone() == (10,)
     finally:
         con.close()
+
+
+def test_a_stage_id_claimed_by_two_calls_fails_the_later_call():
+    from datetime import datetime, timezone
+
+    from pipeline.transform import transform_calls
+
+    a, b = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    stage_id = "33333333-3333-4333-8333-333333333333"
+
+    def stage(call_id):
+        return {"callId": call_id, "callStageId": stage_id, "created": "2026-11-20T10:00:00Z", "errorCount": 0}
+
+    result = transform_calls([(a, [stage(a)]), (b, [stage(b)])], "run", datetime.now(timezone.utc))
+    assert result.stage_counts == {a: 1}
+    assert "also belongs to call" in result.failures[b]
+    assert result.tables["call_stages"].num_rows == 1
+
+
+def test_stages_that_are_not_a_list_fail_the_call():
+    from datetime import datetime, timezone
+
+    from pipeline.transform import transform_calls
+
+    a = "11111111-1111-4111-8111-111111111111"
+    result = transform_calls([(a, None), (a.replace("1", "4"), {"x": 1})], "run", datetime.now(timezone.utc))
+    assert set(result.failures) == {a, a.replace("1", "4")}
