@@ -52,7 +52,9 @@ class Settings:
     #: A response body larger than this fails the call (protects memory).
     max_response_bytes: int = 64 * 1024 * 1024
     #: Stages gathered before one transform + commit.
-    batch_stages: int = 10000
+    batch_stages: int = 5000
+    #: DuckDB buffer-pool cap while writing (its default is 80% of RAM).
+    duckdb_memory_limit: str = "512MB"
 
     @property
     def output_path(self) -> Path:

@@ -26,8 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
-
 from pipeline.calls_input import normalize_call_id
 from pipeline.records import CallFetch, utcnow
 from pipeline.redact import redact_page
@@ -136,7 +134,9 @@ def _apply_line(record: Any, open_fetches: dict[str, CallFetch]) -> CallFetch | 
     page = record["page"]
     if not isinstance(page, dict) or not isinstance(page.get("results"), list):
         raise ValueError("status 200 but 'page.results' is not a list")
-    is_first_page = not url or "cursor" not in httpx.URL(url).params
+    # A page fetched without a cursor starts a fetch (plain string work: parsing the
+    # URL properly cost more than decoding the page).
+    is_first_page = not any(p.startswith("cursor=") for p in url.partition("?")[2].split("&"))
     fetch = open_fetches.get(call_id)
     if fetch is None or is_first_page:
         fetch = CallFetch(call_id, "loaded", fetched_at=fetched_at)

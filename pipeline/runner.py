@@ -121,7 +121,7 @@ def run_export(
     wait_for_lock: bool = False,
 ) -> RunResult:
     started = time.monotonic()
-    warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock)
+    warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit)
     with warehouse:
         statuses = warehouse.call_statuses()
         todo = call_ids if settings.refresh else [c for c in call_ids if statuses.get(c) != "loaded"]
@@ -207,7 +207,7 @@ def run_replay(
     raw_dir: Path, settings: Settings, reporter: Reporter, wait_for_lock: bool = False
 ) -> RunResult:
     started = time.monotonic()
-    warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock)
+    warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit)
     with warehouse:
         run = _new_run(settings, {"replay": str(raw_dir)})
         warehouse.save_run(run)

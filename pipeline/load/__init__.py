@@ -98,11 +98,11 @@ LEFT JOIN previous p ON p.call_id = o.call_id::UUID
 """
 
 
-def open_warehouse(fmt: str, path: Path, wait_for_lock: bool = False) -> Warehouse:
+def open_warehouse(fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "512MB") -> Warehouse:
     if fmt == "duckdb":
         from pipeline.load.duckdb import DuckDBWarehouse
 
-        return DuckDBWarehouse(path, wait_for_lock)
+        return DuckDBWarehouse(path, wait_for_lock, memory_limit)
     if fmt == "parquet":
         from pipeline.load.parquet import ParquetWarehouse
 

@@ -41,8 +41,9 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
 class DuckDBWarehouse(Warehouse):
     format = "duckdb"
 
-    def __init__(self, path: Path, wait_for_lock: bool = False):
+    def __init__(self, path: Path, wait_for_lock: bool = False, memory_limit: str = "512MB"):
         super().__init__(path, wait_for_lock)
+        self.memory_limit = memory_limit
         self._lock = OutputLock(lock_path(path), wait=wait_for_lock)
         self._con: duckdb.DuckDBPyConnection | None = None
 
@@ -56,7 +57,9 @@ class DuckDBWarehouse(Warehouse):
         self._lock.acquire()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = duckdb.connect(str(self.path))
+            # Bounded memory whatever the input size: DuckDB would otherwise let its
+            # buffer pool grow towards 80% of RAM during a long replay.
+            self._con = duckdb.connect(str(self.path), config={"memory_limit": self.memory_limit})
             create_tables(self._con)
         except duckdb.Error as exc:
             self._lock.release()

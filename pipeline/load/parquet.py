@@ -210,7 +210,7 @@ def _write_marker(path: Path) -> None:
 # --------------------------------------------------------------------------- journal
 
 
-def apply_journal(root: Path) -> bool:
+def apply_journal(root: Path, pool: ThreadPoolExecutor | None = None) -> bool:
     """Roll a committed journal forward (idempotent). True if there was one."""
     journal = root / STAGING / JOURNAL
     try:
@@ -237,8 +237,13 @@ def apply_journal(root: Path) -> bool:
         touched.add(victim.parent)
     for folder in sorted(touched, key=lambda p: len(p.parts), reverse=True):
         _remove_if_empty_partition(root, folder)
-    for folder in touched:
-        if folder.exists():
+    # Folder fsyncs make the renames durable before the journal goes; issued in
+    # parallel they share the file system's journal commits (one per folder is slow).
+    existing = [folder for folder in touched if folder.exists()]
+    if pool is not None:
+        _wait_all([pool.submit(_fsync_path, folder) for folder in existing])
+    else:
+        for folder in existing:
             _fsync_path(folder)
     _checkpoint("applied")
     journal.unlink()
@@ -518,7 +523,7 @@ class Transaction:
         _checkpoint("staged")
         self._write_journal(renames, [rel for gone in self.deletes.values() for rel in gone])
         _checkpoint("journaled")
-        apply_journal(self.root)
+        apply_journal(self.root, self.pool)
         shutil.rmtree(self.tx_dir, ignore_errors=True)
         return index
 
@@ -569,13 +574,26 @@ def _write_file(rows: pa.Table, path: Path) -> None:
 
 
 class ParquetWarehouse(Warehouse):
+    """The Parquet folder warehouse.
+
+    ``write_behind=True`` lets ``commit_calls`` return as soon as the batch is handed to
+    a background committer (at most one batch in flight): the caller transforms the
+    next batch while this one is encoded on the other cores. Every commit stays atomic
+    and ordered; ``save_run``, ``call_statuses`` and ``close`` wait for it, and a
+    failure is raised by the next call. The price: a kill -9 loses the batch in
+    flight although ``commit_calls`` returned (its calls are simply fetched again).
+    """
+
     format = "parquet"
 
-    def __init__(self, path: Path, wait_for_lock: bool = False):
+    def __init__(self, path: Path, wait_for_lock: bool = False, write_behind: bool = False):
         super().__init__(path, wait_for_lock)
+        self.write_behind = write_behind
         self._lock = OutputLock(path / STAGING / LOCK, wait=wait_for_lock)
         self._index: FileIndex | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
 
     @property
@@ -599,19 +617,32 @@ class ParquetWarehouse(Warehouse):
             raise
         # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
+        if self.write_behind:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-commit")
         self._con = duckdb.connect()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._con is not None:
-            self._con.close()
-            self._con = None
-        self._index = None
-        self._lock.release()
+        try:
+            self._settle()  # the batch in flight is committed (or its error raised)
+        finally:
+            for pool in (self._committer, self._pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._committer = self._pool = None
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+            self._index = None
+            self._lock.release()
+
+    def _settle(self) -> None:
+        """Wait for the background commit in flight; raise its error (once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def call_statuses(self) -> dict[str, str]:
+        self._settle()
         files = sorted(self.index.all_files("etl_calls"))
         if not files:
             return {}
@@ -622,6 +653,7 @@ class ParquetWarehouse(Warehouse):
         row = run.as_row()
         row["options"] = json.dumps(row["options"], sort_keys=True)
         rows = pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema)
+        self._settle()
         self._transact(
             lambda tx: tx.replace(
                 schema.ETL_RUNS,
@@ -633,6 +665,13 @@ class ParquetWarehouse(Warehouse):
     def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         if not outcomes:
             return
+        self._settle()
+        if self._committer is None:
+            self._commit_batch(tables, outcomes, run_id)
+        else:  # copies: the caller may reuse its containers (Arrow tables are immutable)
+            self._pending = self._committer.submit(self._commit_batch, dict(tables), list(outcomes), run_id)
+
+    def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         batch = outcomes_table(outcomes, run_id)
         # Loaded and 404 calls are replaced as a unit; failed calls keep their rows.
         replaced = batch["call_id"].filter(pc.not_equal(batch["status"], "failed")).combine_chunks()
