@@ -287,16 +287,19 @@ def heal(root: Path) -> None:
 class FileIndex:
     """In-memory copy of ``_state/call_files.parquet``: per table, (key, file) rows."""
 
-    def __init__(self, per_table: dict[str, pa.Table]):
+    def __init__(self, per_table: dict[str, pa.Table], files: dict[str, dict[str, set[str]]] | None = None):
         self.per_table = per_table
         # table → partition folder → file names: small (hundreds/thousands of files),
         # plain Python sets are the simplest structure for the compaction decisions.
-        self.files: dict[str, dict[str, set[str]]] = {}
-        for name, entries in per_table.items():
-            parts: dict[str, set[str]] = {}
-            for rel in pc.unique(entries["file"]).to_pylist():
-                parts.setdefault(_partition_of(rel), set()).add(rel)
-            self.files[name] = parts
+        # Derived from the entries when loading; commits pass it updated in place of
+        # re-deriving it from the whole index.
+        self.files: dict[str, dict[str, set[str]]] = files if files is not None else {}
+        if files is None:
+            for name, entries in per_table.items():
+                parts: dict[str, set[str]] = {}
+                for rel in pc.unique(entries["file"]).to_pylist():
+                    parts.setdefault(_partition_of(rel), set()).add(rel)
+                self.files[name] = parts
 
     @classmethod
     def from_table(cls, index: pa.Table) -> FileIndex:
@@ -376,19 +379,33 @@ def child_partitions(children: pa.Table, stages: pa.Table, stage_parts: pa.Array
     return pc.fill_null(pc.take(stage_parts, positions), NULL_PARTITION)
 
 
-def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, pa.Table]:
-    """Rows grouped by partition folder: one sort, then zero-copy slices."""
+@dataclass(frozen=True)
+class Rows:
+    """Rows of a batch bound for one folder: ``table``, or just the rows at ``indices``.
+
+    The gather (a copy of every prompt and raw JSON) is left to the worker thread that
+    writes the file, so it runs in parallel with the other folders' work.
+    """
+
+    table: pa.Table
+    indices: pa.Array | None = None
+
+    def materialize(self) -> pa.Table:
+        return self.table if self.indices is None else self.table.take(self.indices)
+
+
+def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, Rows]:
+    """Rows grouped by partition folder: one sort of the (short) partition values."""
     if not rows.num_rows:
         return {}
     if column is None or values is None:
-        return {folder: rows}
+        return {folder: Rows(rows)}
     order = pc.sort_indices(values)
-    rows, values = rows.take(order), pc.take(values, order)
-    groups: dict[str, pa.Table] = {}
+    groups: dict[str, Rows] = {}
     offset = 0
-    for item in pc.value_counts(values):  # sorted input → runs in order
+    for item in pc.value_counts(pc.take(values, order)):  # sorted input → runs in order
         value, count = item["values"].as_py(), item["counts"].as_py()
-        groups[f"{folder}/{column}={value}"] = rows.slice(offset, count)
+        groups[f"{folder}/{column}={value}"] = Rows(rows, order.slice(offset, count))
         offset += count
     return groups
 
@@ -409,7 +426,7 @@ class FileJob:
     staged: Path
     #: Files to carry over, each with the keys whose rows are dropped (None: keep all).
     sources: list[tuple[Path, pa.Array | None]]
-    rows: pa.Table | None
+    rows: Rows | None
 
     def build(self) -> pa.Array | None:
         """Write the file; return its distinct keys (None when no row is left)."""
@@ -421,7 +438,7 @@ class FileJob:
                 rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
             pieces.append(rows)
         if self.rows is not None:
-            pieces.append(self.rows)
+            pieces.append(self.rows.materialize())
         merged = pa.concat_tables(pieces)
         if not merged.num_rows:
             return None
@@ -453,7 +470,7 @@ class Transaction:
         rows = pa.concat_tables(pieces)
         return rows.filter(pc.is_in(rows[key], value_set=keys))
 
-    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table]) -> None:
+    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, Rows]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
 
         Only folders holding removed keys or receiving rows are touched, and in them
@@ -463,12 +480,11 @@ class Transaction:
         touched = {_partition_of(rel) for rel in hits} | set(groups)
         gone: list[str] = []
         for folder in sorted(touched):
-            rows = _conform(groups[folder], table) if folder in groups else None
-            gone += self._plan_folder(table, folder, hits, remove, rows)
+            gone += self._plan_folder(table, folder, hits, remove, groups.get(folder))
         self.deletes[table.name] = gone
 
     def _plan_folder(
-        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | None
+        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: Rows | None
     ) -> list[str]:
         """Queue the new files of one folder; return the files they supersede."""
         existing = self._files[table.name].get(folder, set())
@@ -490,7 +506,7 @@ class Transaction:
             self._submit(table, folder, sources, rows)
         return rewrite + compact
 
-    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | None) -> None:
+    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: Rows | None) -> None:
         self._seq += 1
         job = FileJob(
             table,
@@ -508,13 +524,13 @@ class Transaction:
         self.tx_dir.mkdir(parents=True, exist_ok=True)
         keys = _wait_all([future for _, future in self.jobs])
         renames = []
-        added: dict[str, list[pa.Table]] = {}
+        added: dict[str, list[tuple[str, pa.Table]]] = {}
         for (job, _), file_keys in zip(self.jobs, keys, strict=True):
             if file_keys is None:
                 continue  # every row of those files was replaced: nothing to rename
             renames.append((job.staged.relative_to(self.root).as_posix(), job.final))
             entries = pa.table({"key": file_keys, "file": pa.array([job.final] * len(file_keys), pa.string())})
-            added.setdefault(job.table.name, []).append(entries)
+            added.setdefault(job.table.name, []).append((job.final, entries))
         index = self._new_index(added)
         staged_index = self.tx_dir / "index.parquet"
         _write_file(index.to_table(), staged_index)
@@ -527,14 +543,23 @@ class Transaction:
         shutil.rmtree(self.tx_dir, ignore_errors=True)
         return index
 
-    def _new_index(self, added: Mapping[str, list[pa.Table]]) -> FileIndex:
+    def _new_index(self, added: Mapping[str, list[tuple[str, pa.Table]]]) -> FileIndex:
+        """The index after this commit: entries of superseded files out, new ones in."""
         per_table = dict(self.per_table)
+        files = {name: {folder: set(rels) for folder, rels in parts.items()} for name, parts in self._files.items()}
         for name, gone in self.deletes.items():
             entries = per_table[name]
             if gone:
                 entries = entries.filter(pc.invert(pc.is_in(entries["file"], value_set=pa.array(gone, pa.string()))))
-            per_table[name] = pa.concat_tables([entries, *added.get(name, [])])
-        return FileIndex(per_table)
+            new = added.get(name, [])
+            per_table[name] = pa.concat_tables([entries, *(e for _, e in new)])
+            parts = files[name]
+            for rel in gone:
+                parts[_partition_of(rel)].discard(rel)
+            for rel, _ in new:
+                parts.setdefault(_partition_of(rel), set()).add(rel)
+            files[name] = {folder: rels for folder, rels in parts.items() if rels}
+        return FileIndex(per_table, files)
 
     def abort(self) -> None:
         """Before the journal only: drop this transaction's staging files."""
@@ -620,6 +645,9 @@ class ParquetWarehouse(Warehouse):
         if self.write_behind:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-commit")
         self._con = duckdb.connect()
+        # Bound by name at query time to whatever Arrow table is registered then.
+        self._con.register("previous_rows", schema.ETL_CALLS.arrow_schema.empty_table())
+        self._con.execute("CREATE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows")
 
     def close(self) -> None:
         try:
@@ -694,12 +722,9 @@ class ParquetWarehouse(Warehouse):
         con.register("batch_outcomes", batch)
         con.register("previous_rows", previous)
         try:
-            con.execute("CREATE OR REPLACE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows")
             merged = _to_arrow(con.sql(MERGE_ETL_CALLS_SQL))
         finally:
-            con.execute("DROP VIEW IF EXISTS previous")
             con.unregister("batch_outcomes")
-            con.unregister("previous_rows")
         merged = merged.select(schema.ETL_CALLS.column_names)
         return merged.cast(schema.ETL_CALLS.arrow_schema)
 
@@ -722,7 +747,7 @@ class ParquetWarehouse(Warehouse):
             raise
 
 
-def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table]]:
+def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, Rows]]:
     """The batch's rows of each data table, split into partition folders."""
     empty = {t.name: t.arrow_schema.empty_table() for t in schema.DATA_TABLES}
     rows = {}
