@@ -290,215 +290,172 @@ def _splice_raw(heads: list[str], prompts: pa.Array, tails: list[str | None]) ->
 
 
 class _Batch:
-    """Column lists for the three tables, filled call by call."""
+    """Rows for the three tables, filled call by call.
+
+    A row is one tuple in the table's column order (one append per row instead of one
+    per column); the lists are transposed into columns once, in :meth:`tables`.
+    Stage tuples end with the two parts of ``raw`` (see :func:`_splice_raw`) instead of
+    ``raw``, ``run_id`` and ``extracted_at``.
+    """
 
     def __init__(self) -> None:
-        self.stages: dict[str, list[Any]] = {
-            c: [] for c in schema.CALL_STAGES.column_names if c not in ("raw", "run_id", "extracted_at")
-        }
-        self.messages: dict[str, list[Any]] = {c: [] for c in schema.STAGE_INACTIVITY_MESSAGES.column_names}
-        self.voices: dict[str, list[Any]] = {c: [] for c in schema.STAGE_VOICES.column_names}
-        # raw = heads[i] + JSON(system_prompt[i]) + tails[i] (see _splice_raw).
-        self.heads: list[str] = []
-        self.tails: list[str | None] = []
-        self._all = [*self.stages.values(), *self.messages.values(), *self.voices.values(), self.heads, self.tails]
-        # callStageId → call, for the calls accepted so far: a stage id claimed by two
-        # calls of one batch would break the primary key, so the later call fails.
-        self.owners: dict[str, str] = {}
+        self.stage_rows: list[tuple[Any, ...]] = []
+        self.message_rows: list[tuple[Any, ...]] = []
+        self.voice_rows: list[tuple[Any, ...]] = []
 
-    def mark(self) -> list[int]:
-        return [len(column) for column in self._all]
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.stage_rows), len(self.message_rows), len(self.voice_rows)
 
-    def rollback(self, mark: list[int]) -> None:
-        for column, length in zip(self._all, mark):
-            del column[length:]
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        del self.stage_rows[mark[0]:]
+        del self.message_rows[mark[1]:]
+        del self.voice_rows[mark[2]:]
 
     def add_call(self, call_id: str, stages: Sequence[Any]) -> None:
-        if not isinstance(stages, (list, tuple)):
-            raise StageError(f"stages are {_kind(stages)}, not a list")
         seen: set[str] = set()
         for index, stage in enumerate(stages):
             if not isinstance(stage, dict):
                 raise StageError(f"stage {index} is {_kind(stage)}, not an object")
-            stage_id = self._stage_id(stage, index, call_id)
+            stage_id = _stage_id(stage, index, call_id)
             if stage_id in seen:
                 raise StageError(f"stage {stage_id} appears twice")
-            if stage_id in self.owners:
-                raise StageError(f"stage {stage_id} also belongs to call {self.owners[stage_id]}")
             seen.add(stage_id)
             try:
                 self._add_stage(stage, stage_id, call_id, index)
             except StageError as exc:
                 raise StageError(f"stage {stage_id}: {exc}") from None
-        self.owners.update(dict.fromkeys(seen, call_id))
-
-    @staticmethod
-    def _stage_id(stage: dict[str, Any], index: int, call_id: str) -> str:
-        stage_id = stage.get("callStageId")
-        if type(stage_id) is not str:
-            raise StageError(f"stage {index} has no callStageId")
-        # Checked to be a UUID in bulk afterwards (_Batch.bad_stage_ids).
-        stage_id = stage_id.lower()
-        owner = stage.get("callId")
-        if owner != call_id and (type(owner) is not str or owner.lower() != call_id):
-            if owner is None:
-                raise StageError(f"stage {stage_id[:40]} has no callId")
-            raise StageError(f"stage {stage_id[:40]} belongs to call {str(owner)[:40]}")
-        return stage_id
 
     def _add_stage(self, stage: dict[str, Any], stage_id: str, call_id: str, index: int) -> None:
         get = stage.get
         created = get("created")
         if type(created) is not str:
             raise StageError(f"created is {_kind(created)}, expected an RFC 3339 timestamp")
-        texts = [_text(get(api), api) for api, _ in _TEXT_FIELDS]
-        ints = [_integer(get(api), api) for api, _ in _INT_FIELDS]
-        temperature = _number(get("temperature"), "temperature")
-        experimental, initial_state = get("experimentalSettings"), get("initialState")
+        texts = get("model"), get("systemPrompt"), get("languageHint"), get("voice"), get("timeExceededMessage")
+        if not _TEXT_TYPES.issuperset(map(type, texts)):
+            texts = tuple(_text(value, api) for value, (api, _) in zip(texts, _TEXT_FIELDS))
+        initial = _integer(get("initialTokenCount"), "initialTokenCount")
+        latest = _integer(get("latestTokenCount"), "latestTokenCount")
+        errors = _integer(get("errorCount"), "errorCount")
+        temperature = get("temperature")
+        if type(temperature) is not float:
+            temperature = _number(temperature, "temperature")
         redacted = redact_stage(stage)
-        self._raw(redacted, texts[1])
-        count = self._add_messages(get("inactivityMessages"), stage_id, call_id)
+        head, tail = _raw_parts(redacted, texts[1])
+        messages = get("inactivityMessages")
+        count = 0 if messages is None else self._add_messages(messages, stage_id, call_id)
         self._add_voices(redacted, stage_id, call_id)
-        cols = self.stages
-        cols["call_stage_id"].append(stage_id)
-        cols["call_id"].append(call_id)
-        cols["stage_index"].append(index)
-        cols["created"].append(created)
-        for (_, column), value in zip(_TEXT_FIELDS, texts):
-            cols[column].append(value)
-        cols["temperature"].append(temperature)
-        for (_, column), value in zip(_INT_FIELDS, ints):
-            cols[column].append(value)
-        cols["experimental_settings"].append(None if experimental is None else _encode(experimental))
-        cols["initial_state"].append(None if initial_state is None else _encode(initial_state))
-        cols["inactivity_message_count"].append(count)
-
-    def _raw(self, redacted: dict[str, Any], prompt: str | None) -> None:
-        """Encode the stage for ``raw``; a long prompt is left out to be spliced in."""
-        try:
-            if prompt is not None and len(prompt) >= SPLICE_MIN_CHARS:
-                shell = dict(redacted)
-                shell["systemPrompt"] = _SENTINEL
-                text = _encode(shell)
-                at = text.find(_SENTINEL_JSON)
-                if text.find(_SENTINEL_JSON, at + 1) < 0:
-                    self.heads.append(text[:at])
-                    self.tails.append(text[at + len(_SENTINEL_JSON):])
-                    return
-            self.heads.append(_encode(redacted))
-            self.tails.append(None)
-        except ValueError:
-            raise StageError("contains NaN or Infinity, which JSON cannot hold") from None
-        except RecursionError:
-            raise StageError("is nested too deeply") from None
+        self.stage_rows.append((
+            stage_id, call_id, index, created, texts[0], texts[1], temperature, texts[2], texts[3], texts[4],
+            initial, latest, errors, _json(get("experimentalSettings")), _json(get("initialState")), count,
+            head, tail,
+        ))
 
     def _add_messages(self, messages: Any, stage_id: str, call_id: str) -> int:
-        if messages is None:
-            return 0
-        if not isinstance(messages, list):
+        if type(messages) is not list:
             raise StageError(f"inactivityMessages is {_kind(messages)}, expected a list")
-        cols = self.messages
+        append = self.message_rows.append
+        cache = _nanos_cache
         offset = 0
         for position, message in enumerate(messages):
-            where = f"inactivityMessages[{position}]"
-            if not isinstance(message, dict):
-                raise StageError(f"{where} is {_kind(message)}, not an object")
-            duration = message.get("duration")
+            if type(message) is not dict:
+                raise StageError(f"inactivityMessages[{position}] is {_kind(message)}, not an object")
+            duration, text, end = message.get("duration"), message.get("message"), message.get("endBehavior")
             nanos: int | None = None
             if duration is not None:
-                nanos = _nanos_cache.get(duration) if type(duration) is str else None
+                nanos = cache.get(duration) if type(duration) is str else None
                 if nanos is None:
-                    nanos = _duration_nanos(duration, where)
+                    nanos = _duration_nanos(duration, f"inactivityMessages[{position}]")
                 # "Durations are cumulative, so a message m > 1 with duration 30s will
                 # be spoken 30 seconds after message m-1": offset = running sum. A
                 # message without a duration adds nothing (proto3 default: 0s).
                 offset += nanos
-            end = message.get("endBehavior")
-            cols["call_stage_id"].append(stage_id)
-            cols["call_id"].append(call_id)
-            cols["position"].append(position)
-            cols["duration"].append(duration)
-            cols["duration_seconds"].append(nanos)
-            cols["offset_seconds"].append(offset)
-            cols["message"].append(_text(message.get("message"), f"{where}.message"))
-            # proto3 JSON leaves an enum out when it has its default value.
-            cols["end_behavior"].append(UNSPECIFIED if end is None else _text(end, f"{where}.endBehavior"))
+            if end is None:
+                end = UNSPECIFIED  # proto3 JSON leaves an enum out at its default value
+            if type(text) is not str or type(end) is not str:
+                _text(text, f"inactivityMessages[{position}].message")
+                _text(end, f"inactivityMessages[{position}].endBehavior")
+            append((stage_id, call_id, position, duration, nanos, offset, text, end))
         return len(messages)
 
     def _add_voices(self, redacted: dict[str, Any], stage_id: str, call_id: str) -> None:
-        cols = self.voices
         for api_field, role in ROLES:
             voice = redacted.get(api_field)
             if voice is None:
                 continue
             if not isinstance(voice, dict):
                 raise StageError(f"{api_field} is {_kind(voice)}, not an object")
-            if not voice:
-                continue
-            provider, settings = _provider(voice)
-            voice_id = model = speed = None
-            if isinstance(settings, dict):
-                where = f"{api_field}.{provider[:40]}"
-                voice_id = _text(settings.get("voiceId"), f"{where}.voiceId")
-                model = _text(_first(settings, ("model", "modelId")), f"{where}.model")
-                speed = _number(_first(settings, ("speed", "speakingRate")), f"{where}.speed")
-            try:
-                settings_json = None if settings is None else _encode(settings)
-            except ValueError:
-                raise StageError(f"{api_field} contains NaN or Infinity") from None
-            cols["call_stage_id"].append(stage_id)
-            cols["call_id"].append(call_id)
-            cols["role"].append(role)
-            cols["provider"].append(provider)
-            cols["voice_id"].append(voice_id)
-            cols["model"].append(model)
-            cols["speed"].append(speed)
-            cols["settings"].append(settings_json)
+            if voice:
+                self.voice_rows.append((stage_id, call_id, role, *_voice_columns(api_field, voice)))
 
     # ----------------------------------------------------------------- to Arrow
 
-    def bad_rows(self) -> tuple[dict[int, str], pa.Array]:
-        """Bulk checks: {stage row: reason} for bad stage ids / timestamps, and the
-        parsed ``created`` column."""
-        ids = pa.array(self.stages["call_stage_id"], pa.string())
-        bad: dict[int, str] = {}
-        if len(ids) and not pc.all(pc.match_substring_regex(ids, _UUID_COLUMN)).as_py():
-            for row, stage_id in enumerate(self.stages["call_stage_id"]):
-                if not _UUID.fullmatch(stage_id):
-                    bad[row] = f"stage {self.stages['stage_index'][row]}: callStageId is not a UUID"
-        created, bad_created = _timestamps(self.stages["created"])
-        for row, reason in bad_created.items():
-            bad.setdefault(row, f"stage {self.stages['call_stage_id'][row][:40]}: {reason}")
-        return bad, created
+    def columns(self) -> tuple[list[Sequence[Any]], list[Sequence[Any]], list[Sequence[Any]]]:
+        """The rows transposed: one sequence per column."""
+        return (
+            _transpose(self.stage_rows, len(schema.CALL_STAGES.columns) - 1),
+            _transpose(self.message_rows, len(schema.STAGE_INACTIVITY_MESSAGES.columns)),
+            _transpose(self.voice_rows, len(schema.STAGE_VOICES.columns)),
+        )
 
-    def tables(self, created: pa.Array, run_id: str, extracted_at: datetime) -> dict[str, pa.Table]:
-        stages = self.stages
-        n = len(stages["call_stage_id"])
-        arrays: dict[str, pa.Array] = {}
-        for column in schema.CALL_STAGES.columns:
-            name = column.name
-            if name == "created":
-                arrays[name] = created
-            elif name == "raw":
-                prompts = _strings(stages["system_prompt"])
-                arrays[name] = _splice_raw(self.heads, prompts, self.tails)
-                arrays["system_prompt"] = prompts
-            elif name == "run_id":
-                arrays[name] = pa.repeat(pa.scalar(run_id, pa.string()), n)
-            elif name == "extracted_at":
-                arrays[name] = pa.repeat(pa.scalar(extracted_at, _TIMESTAMP), n)
-            elif name != "system_prompt":
-                arrays[name] = _column(stages[name], column)
-        return {
-            schema.CALL_STAGES.name: _table(schema.CALL_STAGES, arrays),
-            schema.STAGE_INACTIVITY_MESSAGES.name: _table(
-                schema.STAGE_INACTIVITY_MESSAGES,
-                {c.name: _column(self.messages[c.name], c) for c in schema.STAGE_INACTIVITY_MESSAGES.columns},
-            ),
-            schema.STAGE_VOICES.name: _table(
-                schema.STAGE_VOICES, {c.name: _column(self.voices[c.name], c) for c in schema.STAGE_VOICES.columns}
-            ),
-        }
+
+def _stage_id(stage: dict[str, Any], index: int, call_id: str) -> str:
+    """The stage's id, lower-cased, after checking the stage belongs to ``call_id``."""
+    stage_id = stage.get("callStageId")
+    if type(stage_id) is not str:
+        raise StageError(f"stage {index} has no callStageId")
+    # Checked to be a UUID in bulk afterwards (_check_rows).
+    stage_id = stage_id.lower()
+    owner = stage.get("callId")
+    if owner != call_id and (type(owner) is not str or owner.lower() != call_id):
+        if owner is None:
+            raise StageError(f"stage {stage_id[:40]} has no callId")
+        if type(owner) is not str:
+            raise StageError(f"stage {stage_id[:40]}: callId is {_kind(owner)}, expected a UUID")
+        raise StageError(f"stage {stage_id[:40]} belongs to call {owner[:40]}")
+    return stage_id
+
+
+def _raw_parts(redacted: dict[str, Any], prompt: str | None) -> tuple[str, str | None]:
+    """The stage's JSON for ``raw``, a long prompt left out: (before, after) it."""
+    try:
+        if prompt is not None and len(prompt) >= SPLICE_MIN_CHARS:
+            shell = dict(redacted)
+            shell["systemPrompt"] = _SENTINEL
+            text = _encode(shell)
+            at = text.find(_SENTINEL_JSON)
+            if text.find(_SENTINEL_JSON, at + 1) < 0:
+                return text[:at], text[at + len(_SENTINEL_JSON):]
+        return _encode(redacted), None
+    except ValueError:
+        raise StageError("contains NaN or Infinity, which JSON cannot hold") from None
+    except RecursionError:
+        raise StageError("is nested too deeply") from None
+
+
+def _voice_columns(api_field: str, voice: dict[str, Any]) -> tuple[Any, ...]:
+    """provider, voice_id, model, speed, settings of one (redacted) ExternalVoice."""
+    provider, settings = _provider(voice)
+    voice_id = model = speed = None
+    if type(settings) is dict:
+        get = settings.get
+        voice_id, model, speed = get("voiceId"), get("model"), get("speed")
+        if model is None:
+            model = get("modelId")
+        if speed is None:
+            speed = get("speakingRate")
+        if type(voice_id) is not str or type(model) is not str or type(speed) is not float:
+            where = f"{api_field}.{provider[:40]}"
+            voice_id = _text(voice_id, f"{where}.voiceId")
+            model = _text(model, f"{where}.model")
+            speed = _number(speed, f"{where}.speed")
+    try:
+        return provider, voice_id, model, speed, _json(settings)
+    except ValueError:
+        raise StageError(f"{api_field} contains NaN or Infinity") from None
+
+
+def _transpose(rows: list[tuple[Any, ...]], width: int) -> list[Sequence[Any]]:
+    return list(zip(*rows)) if rows else [() for _ in range(width)]
 
 
 def _column(values: list[Any], column: schema.Column) -> pa.Array:

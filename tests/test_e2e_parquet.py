@@ -79,6 +79,22 @@ def test_parquet_export_exact_idempotent_and_equal_to_duckdb(tmp_path, start_san
         parquet_calls = lake.execute(q).fetchall()
         assert [r[:3] for r in warehouse.execute(q).fetchall()] == [r[:3] for r in parquet_calls]
 
+    # No third-party TTS credential reaches any file of the dataset.
+    from test_e2e_run import _generic_header_values
+
+    secrets = _generic_header_values(box.data)
+    assert secrets
+    for path in folder.rglob("*"):  # file bytes (metadata, the index, the marker) ...
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [x for x in secrets if x.encode() in data], path
+    decoded = duckdb.connect()  # ... and the decompressed contents of every table
+    for table in ("call_stages", "stage_inactivity_messages", "stage_voices", "etl_calls", "etl_runs"):
+        text = decoded.execute(
+            f"SELECT string_agg(t::VARCHAR, '|') FROM read_parquet('{folder}/{table}/**/*.parquet') t"
+        ).fetchall()[0][0]
+        assert text and not [x for x in secrets if x in text], table
+
     # Status and reports work on the folder too.
     assert cli("status", "--output", str(folder), key=None).code == 0
     report = cli("report", "token_usage_by_model_day", "--output", str(folder), "--format", "csv", key=None)

@@ -248,3 +248,15 @@ def test_help_of_every_command(cli):
         assert command in top.stdout
         res = cli(command, "--help")
         assert res.code == 0 and "Usage:" in res.stdout
+
+
+def test_progress_bar_when_asked_and_one_summary_line(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=30)
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    shown = cli("run", "--calls-file", ids, "--output", str(tmp_path / "a.duckdb"), "--base-url", box.base_url, "--progress")
+    assert shown.code == 0
+    assert "calls 30/30" in shown.stderr and "stages" in shown.stderr and "retries" in shown.stderr
+    # Not a terminal and no --progress: no bar, exactly one summary line.
+    quiet = cli("run", "--calls-file", ids, "--output", str(tmp_path / "b.duckdb"), "--base-url", box.base_url)
+    assert quiet.code == 0 and "calls 30/30" not in quiet.stderr
+    assert len(quiet.stderr.strip().splitlines()) == 1 and quiet.stderr.startswith("succeeded: 30 calls")

@@ -398,3 +398,56 @@ def test_same_batches_give_identical_rows_in_duckdb_and_parquet(tmp_path: Path) 
         expected = rows(dcon, table)
         assert expected, table
         assert rows(pcon, table) == expected, table
+
+
+def test_index_deltas_fold_and_survive_reopen(out: Path) -> None:
+    from pipeline.load.parquet import MAX_DELTAS, STATE
+
+    with ParquetWarehouse(out) as wh:
+        for n in range(MAX_DELTAS + 5):
+            commit_spec(wh, [(n, "loaded", 0), (n + 100, "loaded", 0)])
+        deltas = list((out / STATE).glob("call_files.delta-*.parquet"))
+        assert 0 < len(deltas) <= MAX_DELTAS
+    # A new writer finds every call's files through INDEX + deltas: re-fetches replace.
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", 7) for c in range(MAX_DELTAS + 5)] + [(100, "not_found", 0)])
+    assert_unique_keys(out)
+    seen = versions(out)
+    assert all(seen[call_uuid(c)] == {7} for c in range(MAX_DELTAS + 5))
+    assert call_uuid(100) not in seen
+
+
+def test_lost_index_is_rebuilt_from_the_files(out: Path) -> None:
+    import shutil
+
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", 0) for c in range(10)])
+    shutil.rmtree(out / "_state")
+    with ParquetWarehouse(out) as wh:
+        assert wh.call_statuses() == {call_uuid(c): "loaded" for c in range(10)}
+        commit_spec(wh, [(c, "loaded", 1) for c in range(10)])
+    assert_unique_keys(out)
+    assert all(v == {1} for v in versions(out).values())
+    assert (out / INDEX).is_file()
+
+
+def test_write_behind_commits_everything_in_order(out: Path) -> None:
+    with ParquetWarehouse(out, write_behind=True) as wh:
+        for v in range(4):
+            commit_spec(wh, [(c, "loaded", v) for c in range(15)])
+        assert set(wh.call_statuses().values()) == {"loaded"}  # waits for the batch in flight
+        commit_spec(wh, [(3, "not_found", 0)])
+    assert_unique_keys(out)
+    seen = versions(out)
+    assert call_uuid(3) not in seen and all(v == {3} for v in seen.values())
+    assert view_rows_raw(out, "SELECT max(attempts) FROM etl_calls") == [(5,)]
+
+
+def test_write_behind_raises_a_failed_commit_on_the_next_call(out: Path) -> None:
+    with ParquetWarehouse(out, write_behind=True) as wh:
+        bad = fabricate([(1, 0)])
+        wh.commit_calls(bad, outcomes_for([(2, "loaded", 0)]), "run-1")  # rows of a call not in the batch
+        with pytest.raises(ValueError, match="not loaded in this batch"):
+            wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))
+        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # raised once; the warehouse goes on
+    assert view_rows_raw(out, "SELECT count(*) FROM call_stages") == [(0,)]

@@ -85,7 +85,11 @@ from pipeline.records import CallOutcome, RunRecord
 MARKER = "_ultravox_stages.json"
 STAGING = "_staging"
 JOURNAL = "journal.json"
-INDEX = "_state/call_files.parquet"
+STATE = "_state"
+INDEX = f"{STATE}/call_files.parquet"
+#: Index deltas: one small file per commit, folded into INDEX every MAX_DELTAS commits.
+DELTA_GLOB = "call_files.delta-*.parquet"
+MAX_DELTAS = 16
 LOCK = "lock"
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 FORMAT_TAG = "ultravox-stages-parquet"
@@ -110,6 +114,10 @@ KEY_COLUMN = {
 }
 _INDEX_SCHEMA = pa.schema(
     [pa.field("table", pa.string(), False), pa.field("key", pa.string(), False), pa.field("file", pa.string(), False)]
+)
+#: A delta row with a null key means "this file is gone"; others are new entries.
+_DELTA_SCHEMA = pa.schema(
+    [pa.field("table", pa.string(), False), pa.field("key", pa.string()), pa.field("file", pa.string(), False)]
 )
 _US_PER_DAY = 86_400_000_000
 
@@ -289,6 +297,12 @@ class FileIndex:
 
     def __init__(self, per_table: dict[str, pa.Table], files: dict[str, dict[str, set[str]]] | None = None):
         self.per_table = per_table
+        #: Delta files on top of INDEX, oldest first, and the next delta's number.
+        self.deltas: list[str] = []
+        self.next_delta = 0
+        #: False when INDEX is missing or stale (rebuilt from the files): the next
+        #: commit writes a full INDEX instead of a delta.
+        self.base_ok = True
         # table → partition folder → file names: small (hundreds/thousands of files),
         # plain Python sets are the simplest structure for the compaction decisions.
         # Derived from the entries when loading; commits pass it updated in place of
@@ -335,14 +349,40 @@ def _files_with_keys(entries: pa.Table, keys: pa.Array) -> set[str]:
 
 
 def load_index(root: Path) -> FileIndex:
-    """The index, rebuilt from the files on disk when missing or out of date."""
+    """INDEX plus its deltas; rebuilt from the files on disk when missing or stale."""
     path = root / INDEX
+    deltas = sorted((root / STATE).glob(DELTA_GLOB)) if (root / STATE).is_dir() else []
     on_disk = {name: set(data_files(root, name)) for name in schema.TABLES}
+    index: FileIndex | None = None
     if path.exists():
-        index = FileIndex.from_table(pq.read_table(path).cast(_INDEX_SCHEMA))
-        if all(index.all_files(name) == on_disk[name] for name in schema.TABLES):
-            return index
-    return rebuild_index(root, on_disk)
+        entries = pq.read_table(path).cast(_INDEX_SCHEMA)
+        for delta in deltas:
+            entries = _apply_delta(entries, pq.read_table(delta).cast(_DELTA_SCHEMA))
+        index = FileIndex.from_table(entries)
+        if not all(index.all_files(name) == on_disk[name] for name in schema.TABLES):
+            index = None
+    if index is None:
+        index = rebuild_index(root, on_disk)
+        index.base_ok = False
+    index.deltas = [d.relative_to(root).as_posix() for d in deltas]
+    index.next_delta = 1 + max((_delta_number(d) for d in deltas), default=0)
+    return index
+
+
+def _apply_delta(entries: pa.Table, delta: pa.Table) -> pa.Table:
+    gone = delta.filter(pc.is_null(delta["key"]))["file"].combine_chunks()
+    kept = entries.filter(pc.invert(pc.is_in(entries["file"], value_set=gone))) if len(gone) else entries
+    added = delta.filter(pc.is_valid(delta["key"])).cast(_INDEX_SCHEMA)
+    return pa.concat_tables([kept, added])
+
+
+def _delta_number(path: Path) -> int:
+    return int(path.stem.rsplit("-", 1)[1])
+
+
+def _delta_name(number: int) -> str:
+    # Zero-padded: name order is commit order (no clock involved).
+    return f"{STATE}/{DELTA_GLOB.replace('*', f'{number:012d}')}"
 
 
 def rebuild_index(root: Path, on_disk: Mapping[str, set[str]]) -> FileIndex:
@@ -454,6 +494,7 @@ class Transaction:
         self.tx_id = f"{time.time_ns():x}-{secrets.token_hex(4)}"
         self.tx_dir = root / STAGING / f"tx-{self.tx_id}"
         self.per_table = dict(index.per_table)
+        self.index = index
         self.pool = pool
         self.deletes: dict[str, list[str]] = {}
         self.jobs: list[tuple[FileJob, Future[pa.Array | None]]] = []
@@ -532,16 +573,38 @@ class Transaction:
             entries = pa.table({"key": file_keys, "file": pa.array([job.final] * len(file_keys), pa.string())})
             added.setdefault(job.table.name, []).append((job.final, entries))
         index = self._new_index(added)
-        staged_index = self.tx_dir / "index.parquet"
-        _write_file(index.to_table(), staged_index)
-        renames.append((staged_index.relative_to(self.root).as_posix(), INDEX))
+        deletes = [rel for gone in self.deletes.values() for rel in gone]
+        renames.append(self._stage_index(index, added, deletes))
+        if not index.deltas:  # a full INDEX was written: the old deltas are folded in
+            deletes += self.index.deltas
         _fsync_path(self.tx_dir)
         _checkpoint("staged")
-        self._write_journal(renames, [rel for gone in self.deletes.values() for rel in gone])
+        self._write_journal(renames, deletes)
         _checkpoint("journaled")
         apply_journal(self.root, self.pool)
         shutil.rmtree(self.tx_dir, ignore_errors=True)
         return index
+
+    def _stage_index(self, index: FileIndex, added: Mapping[str, list[tuple[str, pa.Table]]], gone: list[str]) -> tuple[str, str]:
+        """Stage this commit's index change: a small delta, or every MAX_DELTAS commits
+        (and after a rebuild) the whole index. Returns the rename for the journal."""
+        staged = self.tx_dir / "index.parquet"
+        old = self.index
+        if old.base_ok and len(old.deltas) < MAX_DELTAS:
+            rows = [
+                pa.table({"table": pa.array([name] * len(e), pa.string()), "key": e["key"], "file": e["file"]}, schema=_DELTA_SCHEMA)
+                for name, entries in added.items()
+                for _, e in entries
+            ]
+            rows.append(pa.table({"table": [f.split("/", 1)[0] for f in gone], "key": pa.nulls(len(gone), pa.string()), "file": gone}, schema=_DELTA_SCHEMA))
+            _write_file(pa.concat_tables(rows), staged)
+            final = _delta_name(old.next_delta)
+            index.deltas, index.next_delta = [*old.deltas, final], old.next_delta + 1
+        else:
+            _write_file(index.to_table(), staged)
+            final = INDEX
+            index.deltas, index.next_delta = [], old.next_delta
+        return staged.relative_to(self.root).as_posix(), final
 
     def _new_index(self, added: Mapping[str, list[tuple[str, pa.Table]]]) -> FileIndex:
         """The index after this commit: entries of superseded files out, new ones in."""
