@@ -114,6 +114,17 @@ class AdaptiveLimit:
             self._cond.notify_all()
 
 
+class RetryBudgetSpent(tenacity.stop.stop_base):
+    """Stop retrying once the call has used its retry budget (over all its pages)."""
+
+    def __init__(self, fetch: CallFetch, budget: int):
+        self.fetch = fetch
+        self.budget = budget
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.fetch.retries >= self.budget
+
+
 @dataclass
 class ExtractStats:
     requests: int = 0
@@ -178,8 +189,10 @@ class Extractor:
             self.stats.retries += 1
 
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self.settings.max_attempts)
-            | (lambda _: fetch.retries >= self.settings.call_retry_budget),
+            stop=tenacity.stop_any(
+                tenacity.stop_after_attempt(self.settings.max_attempts),
+                RetryBudgetSpent(fetch, self.settings.call_retry_budget),
+            ),
             wait=WaitPolicy(self.settings),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=count_retry,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from pipeline.calls_input import normalize_call_id
 from pipeline.records import CallFetch, utcnow
@@ -91,7 +91,9 @@ class BadLine:
 
 
 def _open_lines(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    if path.name.endswith(".gz"):
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return open(path, "rb")
 
 
 def read_landing_zone(raw_dir: Path, on_bad_line: Callable[[BadLine], None]) -> Iterator[CallFetch]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,7 +230,3 @@ def run_replay(
             _finish(warehouse, run, status)
             result.seconds = time.monotonic() - started
     return result
-
-
-def unique(ids: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(ids))

@@ -40,6 +40,7 @@ UNSPECIFIED = "END_BEHAVIOR_UNSPECIFIED"
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _DECIMAL = pa.decimal128(38, 9)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_TEXT_TYPES = frozenset({str, type(None)})
 _TEXT_FIELDS = (
     ("model", "model"),
     ("systemPrompt", "system_prompt"),
@@ -224,9 +225,9 @@ def parse_rfc3339(text: str) -> datetime:
         raise ValueError(f"created {text[:40]!r} is not a valid date and time") from None
 
 
-def _timestamps(values: list[str]) -> tuple[pa.Array, dict[int, str]]:
+def _timestamps(values: Sequence[str]) -> tuple[pa.Array, dict[int, str]]:
     """Parse a column of ``created`` strings: (array, {row: reason} for bad rows)."""
-    strings = pa.array(values, pa.string())
+    strings = _strings(values)
     if pc.all(pc.match_substring_regex(strings, _CREATED_FAST)).as_py() is not False:
         try:
             return strings.cast(_TIMESTAMP), {}
@@ -246,7 +247,7 @@ def _timestamps(values: list[str]) -> tuple[pa.Array, dict[int, str]]:
 # --------------------------------------------------------------------------- columns
 
 
-def _decimal_seconds(nanos: list[int | None]) -> pa.Array:
+def _decimal_seconds(nanos: Sequence[int | None]) -> pa.Array:
     """DECIMAL(38,9) from integer nanoseconds, exactly: the decimal's unscaled value is
     the nanosecond count, so cast to DECIMAL(38,0) and reinterpret the scale."""
     try:
@@ -256,7 +257,7 @@ def _decimal_seconds(nanos: list[int | None]) -> pa.Array:
     return unscaled.view(_DECIMAL)
 
 
-def _strings(values: list[str | None]) -> pa.Array:
+def _strings(values: Sequence[str | None]) -> pa.Array:
     try:
         return pa.array(values, pa.string())
     except UnicodeEncodeError:
@@ -267,7 +268,7 @@ def _strings(values: list[str | None]) -> pa.Array:
         )
 
 
-def _splice_raw(heads: list[str], prompts: pa.Array, tails: list[str | None]) -> pa.Array:
+def _splice_raw(heads: Sequence[str], prompts: pa.Array, tails: Sequence[str | None]) -> pa.Array:
     """``head + JSON(prompt) + tail`` per row (tail None: the head is the whole JSON).
 
     JSON-escaping a few KB of prompt per stage is the costliest step in Python; DuckDB
@@ -458,7 +459,20 @@ def _transpose(rows: list[tuple[Any, ...]], width: int) -> list[Sequence[Any]]:
     return list(zip(*rows)) if rows else [() for _ in range(width)]
 
 
-def _column(values: list[Any], column: schema.Column) -> pa.Array:
+#: Field order of the row tuples built by _Batch (tables are assembled by name).
+_STAGE_ROW = (
+    "call_stage_id", "call_id", "stage_index", "created", "model", "system_prompt", "temperature",
+    "language_hint", "voice", "time_exceeded_message", "initial_token_count", "latest_token_count",
+    "error_count", "experimental_settings", "initial_state", "inactivity_message_count", "raw_head", "raw_tail",
+)
+_MESSAGE_ROW = (
+    "call_stage_id", "call_id", "position", "duration", "duration_seconds", "offset_seconds", "message",
+    "end_behavior",
+)
+_VOICE_ROW = ("call_stage_id", "call_id", "role", "provider", "voice_id", "model", "speed", "settings")
+
+
+def _column(values: Sequence[Any], column: schema.Column) -> pa.Array:
     if column.sql_type == schema.DECIMAL:
         return _decimal_seconds(values)
     if column.arrow_type == pa.string():
@@ -466,8 +480,26 @@ def _column(values: list[Any], column: schema.Column) -> pa.Array:
     return pa.array(values, column.arrow_type)
 
 
-def _table(table: schema.Table, arrays: dict[str, pa.Array]) -> pa.Table:
-    return pa.Table.from_arrays([arrays[name] for name in table.column_names], schema=table.arrow_schema)
+def _table(table: schema.Table, values: dict[str, Any]) -> pa.Table:
+    """An Arrow table in the schema's column order from lists/arrays by column name."""
+    arrays = [v if isinstance(v, (pa.Array, pa.ChunkedArray)) else _column(v, c) for c in table.columns
+              for v in (values[c.name],)]
+    return pa.Table.from_arrays(arrays, schema=table.arrow_schema)
+
+
+def _check_stage_rows(stage_cols: dict[str, Sequence[Any]]) -> tuple[dict[int, str], pa.Array]:
+    """Bulk checks over all stages of the batch: ({row: reason} for rows whose
+    callStageId is not a UUID or whose ``created`` is not RFC 3339, parsed ``created``)."""
+    ids = stage_cols["call_stage_id"]
+    bad: dict[int, str] = {}
+    if ids and not pc.all(pc.match_substring_regex(_strings(ids), _UUID_COLUMN)).as_py():
+        for row, stage_id in enumerate(ids):
+            if not _UUID.fullmatch(stage_id):
+                bad[row] = f"stage {stage_cols['stage_index'][row]}: callStageId is not a UUID"
+    created, bad_created = _timestamps(stage_cols["created"])
+    for row, reason in bad_created.items():
+        bad.setdefault(row, f"stage {ids[row][:40]}: {reason}")
+    return bad, created
 
 
 def _without_calls(tables: dict[str, pa.Table], call_ids: list[str]) -> dict[str, pa.Table]:
@@ -477,10 +509,18 @@ def _without_calls(tables: dict[str, pa.Table], call_ids: list[str]) -> dict[str
     return {name: t.filter(pc.invert(pc.is_in(t["call_id"], value_set=drop))) for name, t in tables.items()}
 
 
-# --------------------------------------------------------------------------- entry point
+def _claim_stage_ids(owners: dict[str, str], rows: list[tuple[Any, ...]], call_id: str) -> None:
+    """A stage id belongs to one call: the same id under two calls of one batch
+    (an API bug) would break call_stages' primary key, so the later call fails."""
+    for row in rows:
+        owner = owners.get(row[0])
+        if owner is not None and owner != call_id:
+            raise StageError(f"stage {row[0]} also belongs to call {owner}")
+    for row in rows:
+        owners[row[0]] = call_id
 
 
-def _normal_call_id(call_id: str) -> str | None:
+def _normal_call_id(call_id: Any) -> str | None:
     if type(call_id) is not str:
         return None
     lowered = call_id.strip().lower()
@@ -494,30 +534,54 @@ def transform_calls(
     data tables. Calls that fail validation are in ``failures`` and have no rows."""
     result = TransformResult(tables={})
     batch = _Batch()
-    # A call listed twice: the later stages win (like the loader's replace-per-call).
-    latest = {call_id: stages for call_id, stages in calls}
     keys: dict[str, str] = {}  # normalised id → the caller's id
-    for call_id, stages in latest.items():
+    owners: dict[str, str] = {}  # stage id → the call that has it in this batch
+    # A call listed twice: the later stages win (like the loader's replace-per-call).
+    for call_id, stages in {call_id: stages for call_id, stages in calls}.items():
         normal = _normal_call_id(call_id)
         if normal is None or normal in keys:
             result.failures[call_id] = "call id is not a UUID" if normal is None else "call listed twice"
             continue
         mark = batch.mark()
         try:
+            if not isinstance(stages, (list, tuple)):
+                raise StageError(f"stages are {_kind(stages)}, expected a list")
             batch.add_call(normal, stages)
+            _claim_stage_ids(owners, batch.stage_rows[mark[0]:], normal)
         except StageError as exc:
             batch.rollback(mark)
             result.failures[call_id] = " ".join(str(exc).split())[:300]
             continue
         keys[normal] = call_id
         result.stage_counts[call_id] = len(stages)
-    bad_rows, created = batch.bad_rows()
+
+    stage_lists, message_lists, voice_lists = batch.columns()
+    stage_cols = dict(zip(_STAGE_ROW, stage_lists))
+    bad_rows, created = _check_stage_rows(stage_cols)
     failed: list[str] = []
     for row, reason in sorted(bad_rows.items()):
-        normal = batch.stages["call_id"][row]
+        normal = stage_cols["call_id"][row]
         if keys[normal] not in result.failures:
             failed.append(normal)
             result.failures[keys[normal]] = reason[:300]
             del result.stage_counts[keys[normal]]
-    result.tables = _without_calls(batch.tables(created, run_id, extracted_at), failed)
+
+    n = len(created)
+    prompts = _strings(stage_cols["system_prompt"])
+    stage_values: dict[str, Any] = {
+        **stage_cols,
+        "created": created,
+        "system_prompt": prompts,
+        "raw": _splice_raw(stage_cols["raw_head"], prompts, stage_cols["raw_tail"]),
+        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+        "extracted_at": pa.repeat(pa.scalar(extracted_at, _TIMESTAMP), n),
+    }
+    tables = {
+        schema.CALL_STAGES.name: _table(schema.CALL_STAGES, stage_values),
+        schema.STAGE_INACTIVITY_MESSAGES.name: _table(
+            schema.STAGE_INACTIVITY_MESSAGES, dict(zip(_MESSAGE_ROW, message_lists))
+        ),
+        schema.STAGE_VOICES.name: _table(schema.STAGE_VOICES, dict(zip(_VOICE_ROW, voice_lists))),
+    }
+    result.tables = _without_calls(tables, failed)
     return result

@@ -9,19 +9,22 @@ Layout (CONTRACT.md, "Parquet layout")::
     OUTPUT/etl_calls/part-*.parquet              unpartitioned
     OUTPUT/etl_runs/part-*.parquet               unpartitioned
     OUTPUT/_state/call_files.parquet             index: (table, key, file)
+    OUTPUT/_state/call_files.delta-<n>.parquet   index changes since (<= 16 files)
     OUTPUT/_staging/lock                         writer lock (OutputLock)
     OUTPUT/_staging/tx-*/, journal.json          a commit in flight
 
 ``created_date`` is the UTC date of the *stage's* ``created``; child rows take the date
 of their stage, so a stage and its children always sit in the same date folder. A null
 ``created`` goes to ``created_date=__HIVE_DEFAULT_PARTITION__``, which DuckDB, Spark and
-pyarrow read as NULL. The partition column is not stored inside the files.
+pyarrow read as NULL. The partition column is not stored inside the files. Files are
+zstd Parquet with standard types only (strings for UUID/JSON, decimal128(38,9),
+timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types.
 
 Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or ``save_run`` —
 is one transaction:
 
-1. every new file (data files and the new index) is written into ``_staging/tx-<id>/``
-   and fsynced; nothing under ``OUTPUT/<table>/`` changes yet;
+1. every new file (data files and the index change) is written into
+   ``_staging/tx-<id>/`` and fsynced; nothing under ``OUTPUT/<table>/`` changes yet;
 2. ``_staging/journal.json`` is written to a temporary name, fsynced and renamed into
    place: **this rename is the commit point**. It lists the renames (staging → final)
    and the deletions (files whose rows were replaced or compacted);
@@ -37,25 +40,30 @@ see a half-written file because files only appear under ``OUTPUT/<table>/`` by r
 (A plain glob reader running *during* step 3, which lasts milliseconds, may see the new
 files next to the old ones; there is no cross-file snapshot without a table format.)
 
-Finding a call's rows: the index. ``_state/call_files.parquet`` holds one row per
-(table, key, file) — key is call_id for the data tables and etl_calls, run_id for
-etl_runs — and is replaced in the same journaled commit as the files it describes. A
-commit filters it with ``pc.is_in`` to find exactly the files holding the batch's calls
-and reads only those. Cost: the index is about one row per call per table (~40 bytes
-each, dictionary-encoded file names compress well): for a million calls ~4M rows, a few
-MB on disk, ~100 ms to rewrite per commit and kept in memory while open. The
-alternative — reading the call_id column of every file — costs a read proportional to
-the whole dataset per commit (one footer + column chunk per file, thousands of files),
-so the index wins as soon as the dataset has more than a handful of partitions. If the
-index is missing or disagrees with the files on disk (someone deleted or copied files),
-``open()`` rebuilds it by reading only the key column of each file.
+Finding a call's rows: an index, not a scan. It maps (table, key) → file, key being
+call_id for the data tables and etl_calls and run_id for etl_runs; a commit finds the
+files holding its calls with one ``pc.is_in`` over it and reads only those files. It is
+kept in memory while open and persisted in the same journaled commit as the files it
+describes, as a small delta per commit (``call_files.delta-<n>.parquet``: new entries,
+and removed files as null keys) folded into ``call_files.parquet`` every
+:data:`MAX_DELTAS` commits. Cost: ~45 bytes per call on disk (~4 entries per call, keys
+are incompressible UUIDs): 1M calls ≈ 85 MB, read once per ``open()`` (~1-2 s) and
+rewritten once every 16 commits; each other commit writes only its own entries. The
+alternative — reading the call_id column of every file — costs a read of every file's
+footer and key column on every commit, growing with the dataset, and pruning by
+partition does not help because a call's stages may sit in any date folder. If the
+index is missing or disagrees with the files on disk (files deleted or copied by hand),
+``open()`` rebuilds it from the key column of each file (projection) — the same scan,
+once.
 
-File count: per commit and partition, new rows go to a new file when no file there
-holds a replaced call (append). Files holding replaced calls are rewritten, merged with
-the partition's new rows into one file. When a partition would exceed
-:data:`MAX_FILES_PER_PARTITION` files, its small files (< :data:`COMPACT_BELOW_BYTES`)
-are merged into one, so a cron job committing a few calls every few minutes keeps each
-partition at <= ~9 files while big partitions are never rewritten wholesale.
+File count: per commit and folder, new rows go to one new file (append) when no file
+there holds a replaced call. Files holding replaced calls are rewritten without those
+rows: a small one (< :data:`COMPACT_BELOW_BYTES`) together with the folder's new rows,
+a big one on its own (file sizes stay bounded, the other calls in it keep their
+neighbours). When a folder would hold more than :data:`MAX_FILES_PER_PARTITION` small
+files, they are all merged into the new file: frequent small runs (cron, a few calls
+each) keep every folder at <= 8 small files plus the big ones, and a compaction never
+rewrites a big file. Untouched folders and files are never read or rewritten.
 """
 
 from __future__ import annotations
