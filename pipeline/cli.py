@@ -14,6 +14,7 @@ import click
 from pipeline import __version__
 from pipeline.calls_input import read_call_ids
 from pipeline.config import FORMATS, Settings, api_key_from_env, load_settings
+from pipeline.discover import Discovery, parse_day
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL, InputError, StagesError
 from pipeline.http import check_base_url
 from pipeline.log import Reporter
@@ -112,12 +113,19 @@ def cli() -> None:
 @cli.command()
 @click.option("--calls-file", default=None, help="One call UUID a line; '-' reads stdin; '#' comments ignored.")
 @click.option("--call-id", "call_ids", multiple=True, help="A call UUID (repeatable).")
+@click.option("--since", default=None, help="Also list calls created on or after this date (YYYY-MM-DD) with GET /api/calls.")
+@click.option("--until", default=None, help="With --since/--incremental: calls created on or before this date.")
+@click.option("--incremental", is_flag=True, default=None, help="List calls from the stored watermark minus the overlap window.")
+@click.option("--overlap-hours", type=float, default=None, help="Overlap window of --incremental [default: 24].")
+@click.option("--keep-deleted", is_flag=True, default=None, help="Keep stages of calls the API reports deleted (flag them).")
 @fetch_options
 @output_options
 @handle_errors
 def run(
     calls_file: str | None,
     call_ids: tuple[str, ...],
+    since: str | None,
+    until: str | None,
     config_file: str | None,
     progress: bool | None,
     wait: bool,
@@ -131,10 +139,21 @@ def run(
     reporter = _reporter(settings, progress)
     if ids.duplicates:
         reporter.warning("duplicate_ids", f"{ids.duplicates} duplicate call ID(s) ignored", duplicates=ids.duplicates)
-    if not ids.ids:
-        raise InputError("no call IDs given: pass --calls-file FILE or --call-id ID")
+    discovery = None
+    if since or until or settings.incremental:
+        if until and not (since or settings.incremental):
+            raise InputError("--until needs --since or --incremental")
+        discovery = Discovery(
+            since=parse_day("--since", since),
+            until=parse_day("--until", until),
+            incremental=settings.incremental,
+            overlap_hours=settings.overlap_hours,
+            keep_deleted=settings.keep_deleted,
+        )
+    elif not ids.ids:
+        raise InputError("no call IDs given: pass --calls-file FILE, --call-id ID, --since DATE or --incremental")
     api_key = api_key_from_env(settings)
-    result = run_export(settings, ids.ids, api_key, reporter, wait_for_lock=wait)
+    result = run_export(settings, ids.ids, api_key, reporter, wait_for_lock=wait, discovery=discovery)
     reporter.summary(result.run, result.seconds, str(settings.output_path))
     _exit_for(result)
 

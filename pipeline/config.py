@@ -53,6 +53,12 @@ class Settings:
     max_response_bytes: int = 64 * 1024 * 1024
     #: Stages gathered before one transform + commit.
     batch_stages: int = 5000
+    #: `run --incremental`: list calls from the stored watermark minus the overlap window.
+    incremental: bool = False
+    #: Hours before the watermark that an incremental run lists (and re-fetches) again.
+    overlap_hours: float = 24.0
+    #: Keep the stages of calls the API reports deleted (flagged in calls.deleted_at).
+    keep_deleted: bool = False
     #: DuckDB buffer-pool cap while writing (its default is 80% of RAM).
     duckdb_memory_limit: str = "512MB"
 
@@ -74,7 +80,7 @@ _POSITIVE = {
     "concurrency", "page_size", "timeout_seconds", "max_attempts", "max_rps",
     "max_pages", "max_response_bytes", "batch_stages", "backoff_max_seconds",
 }
-_NON_NEGATIVE = {"call_retry_budget", "backoff_initial_seconds", "retry_after_max_seconds", "retry_after_min_seconds"}
+_NON_NEGATIVE = {"overlap_hours", "call_retry_budget", "backoff_initial_seconds", "retry_after_max_seconds", "retry_after_min_seconds"}
 _CHOICES = {"format": FORMATS, "log_format": ("text", "json")}
 
 

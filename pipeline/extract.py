@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from pipeline.errors import (
     AuthError,
     CallError,
     OriginError,
+    StagesError,
     PaginationError,
     TransientError,
     UnreachableError,
@@ -243,6 +245,28 @@ class Extractor:
         if isinstance(total, int) and total != rows:
             fetch.total_mismatch = (total, rows)
 
+    async def list_all(self, path: str, params: dict[str, str]) -> list[Any]:
+        """Every item of a paginated list endpoint (``/api/calls``, ``/api/deleted_calls``)
+        under the same retries and guards (origin, cursor loop, page cap) as stages."""
+        accounting = CallFetch(path, "loaded")
+        query = urllib.parse.urlencode(params | {"pageSize": str(self.settings.page_size)})
+        url: str | None = f"{str(self.base_url).rstrip('/')}{path}?{query}"
+        seen: set[str] = set()
+        items: list[Any] = []
+        pages = 0
+        while url is not None:
+            if pages >= self.settings.max_pages:
+                raise PaginationError(f"more than {self.settings.max_pages} pages (max_pages); stopped paging")
+            kind, page = await self.get_page(url, accounting)
+            if kind == "not_found":
+                raise CallError(f"{path} answered 404")
+            if not isinstance(page, dict) or not isinstance(page.get("results"), list):
+                raise PaginationError("unexpected page shape: 'results' is not a list")
+            pages += 1
+            items.extend(page["results"])
+            url = self._next_url(url, page.get("next"), seen)
+        return items
+
     def _next_url(self, current: str, next_link: object, seen: set[str]) -> str | None:
         # Paging ends on null, a missing key or "" (seen from some DRF setups).
         if next_link is None or next_link == "":
@@ -260,6 +284,27 @@ class Extractor:
             raise PaginationError("next link repeats a cursor already seen for this call; stopped paging")
         seen.add(cursor)
         return str(target)
+
+
+async def list_endpoint(
+    settings: Settings,
+    api_key: str | None,
+    path: str,
+    params: dict[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[list[Any], ExtractStats]:
+    """All items of one list endpoint; a failure after retries is a run-level error."""
+    base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+    async with build_client(settings, api_key, transport) as client:
+        extractor = Extractor(settings, [client], base_url)
+        try:
+            return await extractor.list_all(path, params), extractor.stats
+        except (CallError, httpx.TransportError) as exc:
+            if isinstance(exc, httpx.ConnectError) and extractor.stats.answered == 0:
+                raise UnreachableError(
+                    f"cannot reach the API at {safe_url(base_url)} ({describe(exc)}); check --base-url and the network"
+                ) from None
+            raise StagesError(f"listing {path} failed: {describe(exc)}; nothing was exported, run again") from None
 
 
 async def extract_calls(

@@ -8,12 +8,15 @@ calls (each call replaced as a unit) and counts outcomes on the run record.
 from __future__ import annotations
 
 import asyncio
+from datetime import date
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, schema
 from pipeline.config import Settings
+from pipeline.discover import WATERMARK_KEY, Discovered, Discovery, discover, parse_watermark, watermark_row
 from pipeline.errors import AuthError, UnreachableError
 from pipeline.extract import ExtractStats, extract_calls
 from pipeline.load import Warehouse, open_warehouse
@@ -106,6 +109,10 @@ def _new_run(settings: Settings, extra: dict[str, object] | None = None) -> RunR
     return RunRecord(new_run_id(), utcnow(), __version__, options)
 
 
+def _jsonable(values: dict[str, object]) -> dict[str, object]:
+    return {k: v.isoformat() if isinstance(v, date) else v for k, v in values.items()}
+
+
 def _finish(warehouse: Warehouse, run: RunRecord, status: str) -> None:
     run.status = status
     run.finished_at = utcnow()
@@ -118,13 +125,23 @@ def run_export(
     api_key: str | None,
     reporter: Reporter,
     wait_for_lock: bool = False,
+    discovery: Discovery | None = None,
 ) -> RunResult:
     started = time.monotonic()
     warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit)
     with warehouse:
         statuses = warehouse.call_statuses()
-        todo = call_ids if settings.refresh else [c for c in call_ids if statuses.get(c) != "loaded"]
-        run = _new_run(settings)
+        run = _new_run(settings, {"discovery": _jsonable(dataclasses.asdict(discovery))} if discovery else None)
+        found = _discover(warehouse, settings, api_key, discovery, run, reporter, statuses) if discovery else None
+        forced: set[str] = set()
+        if found is not None:
+            # Listed calls, plus every call still recorded failed (retried whatever its
+            # date: it may lie before the listing window by now).
+            failed = [c for c, status in statuses.items() if status == "failed"]
+            listed = [c for c in found.call_ids + failed if c not in found.deleted]
+            call_ids = list(dict.fromkeys(call_ids + listed))
+            forced = found.refetch
+        todo = [c for c in call_ids if settings.refresh or c in forced or statuses.get(c) != "loaded"]
         run.calls_requested = len(todo)
         result = RunResult(run, skipped=len(call_ids) - len(todo))
         if result.skipped:
@@ -140,6 +157,9 @@ def run_export(
         try:
             asyncio.run(_extract_into(loader, todo, settings, api_key, reporter, result))
             status = "succeeded" if run.calls_failed == 0 else "partial"
+            if found is not None and found.new_watermark is not None:
+                # Only now: a crash before this point lists the same window again.
+                warehouse.upsert(schema.ETL_STATE, watermark_row(found.new_watermark))
         except AuthError:
             status = "auth_failed"
             raise
@@ -149,11 +169,44 @@ def run_export(
         finally:
             if raw is not None:
                 raw.close()
-            stats = result.stats or ExtractStats()
-            run.http_requests, run.http_retries = stats.requests, stats.retries
+            stats = [result.stats or ExtractStats()] + (found.stats if found else [])
+            run.http_requests = sum(s.requests for s in stats)
+            run.http_retries = sum(s.retries for s in stats)
             _finish(warehouse, run, status)
             result.seconds = time.monotonic() - started
     return result
+
+
+def _discover(
+    warehouse: Warehouse,
+    settings: Settings,
+    api_key: str | None,
+    discovery: Discovery,
+    run: RunRecord,
+    reporter: Reporter,
+    statuses: dict[str, str],
+) -> Discovered:
+    """List calls (and deleted calls), store them in `calls`, settle deleted ones."""
+    watermark = parse_watermark(warehouse.read_state(WATERMARK_KEY)) if discovery.incremental else None
+    found = discover(settings, api_key or "", discovery, watermark, run.run_id)
+    assert found.calls_rows is not None
+    warehouse.upsert(schema.CALLS, found.calls_rows)
+    known_deleted = [c for c in found.deleted if c in statuses]
+    if known_deleted and not discovery.keep_deleted:
+        outcomes = [CallOutcome(c, "not_found", 0, "deleted in Ultravox", found.deleted[c]) for c in known_deleted]
+        warehouse.commit_calls({}, outcomes, run.run_id)
+    if found.deleted:
+        warehouse.flag_deleted(found.deleted)
+    reporter.event(
+        "calls_listed",
+        f"listed {len(found.call_ids)} call(s) since {watermark or discovery.since or 'the beginning'}; "
+        f"{len(found.refetch)} inside the overlap window re-fetched; {len(known_deleted)} deleted "
+        + ("(kept, flagged)" if discovery.keep_deleted else "(removed)"),
+        listed=len(found.call_ids),
+        refetch=len(found.refetch),
+        deleted=len(known_deleted),
+    )
+    return found
 
 
 _TICK = CallFetch("", "failed")  # wakes the consumer to flush on time when calls trickle in

@@ -190,9 +190,47 @@ ETL_RUNS = Table(
     per_call=False,
 )
 
+CALLS = Table(
+    "calls",
+    _cols(
+        """
+        call_id UUID NOT NULL
+        created TIMESTAMPTZ
+        joined TIMESTAMPTZ
+        ended TIMESTAMPTZ
+        end_reason VARCHAR
+        billed_duration VARCHAR
+        billed_duration_seconds DECIMAL(38,9)
+        agent_id VARCHAR
+        metadata JSON
+        deleted_at TIMESTAMPTZ
+        raw JSON NOT NULL
+        run_id VARCHAR NOT NULL
+        extracted_at TIMESTAMPTZ NOT NULL
+        """
+    ),
+    primary_key=("call_id",),
+    per_call=False,
+)
+
+ETL_STATE = Table(
+    "etl_state",
+    _cols(
+        """
+        key VARCHAR NOT NULL
+        value VARCHAR
+        updated_at TIMESTAMPTZ NOT NULL
+        """
+    ),
+    primary_key=("key",),
+    per_call=False,
+)
+
 #: The three tables a call's stages are flattened into, replaced as a unit per call.
 DATA_TABLES: tuple[Table, ...] = (CALL_STAGES, STAGE_INACTIVITY_MESSAGES, STAGE_VOICES)
 BOOKKEEPING_TABLES: tuple[Table, ...] = (ETL_CALLS, ETL_RUNS)
-TABLES: dict[str, Table] = {t.name: t for t in DATA_TABLES + BOOKKEEPING_TABLES}
+#: Call discovery (`run --since/--incremental`): listed calls and the watermark.
+DISCOVERY_TABLES: tuple[Table, ...] = (CALLS, ETL_STATE)
+TABLES: dict[str, Table] = {t.name: t for t in DATA_TABLES + BOOKKEEPING_TABLES + DISCOVERY_TABLES}
 
 CALL_STATUSES = ("loaded", "not_found", "failed")

@@ -8,7 +8,7 @@ import os
 import random
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,8 +24,9 @@ from pipeline.load.duckdb import DuckDBWarehouse
 from pipeline.load.parquet import INDEX, MARKER, NULL_PARTITION, ParquetWarehouse, connect_views
 from pipeline.records import CallOutcome, RunRecord
 
-BASE = datetime(2024, 3, 1, 6, 0, tzinfo=timezone.utc)
+BASE = datetime(2024, 3, 1, 6, 0, tzinfo=UTC)
 KEYS = {t.name: t.primary_key for t in schema.TABLES.values()}
+FIVE = ("call_stages", "stage_inactivity_messages", "stage_voices", "etl_calls", "etl_runs")
 
 # ----------------------------------------------------------------------------- fabrication
 
@@ -304,11 +305,11 @@ def test_many_small_commits_keep_file_count_bounded(out: Path) -> None:
                 commit_spec(wh, [(1000 + k, "loaded", n) for k in range(2)], run_id=f"run-{n}b")
             run = RunRecord(f"run-{n}", BASE, "0.1.0", {"n": n}, status="ok")
             wh.save_run(run)
-    for table in schema.TABLES:
+    for table in ("call_stages", "stage_inactivity_messages", "stage_voices", "etl_calls", "etl_runs"):
         folders: dict[Path, int] = {}
         for f in parquet_files(out, table):
             folders[f.parent] = folders.get(f.parent, 0) + 1
-        assert folders and max(folders.values()) <= 9, (table, folders)
+        assert folders and max(folders.values()) <= 8, (table, folders)
     assert_unique_keys(out)
     assert len(view_rows(out, "etl_runs")) == 60
     assert len(view_rows(out, "etl_calls")) == 180
@@ -340,9 +341,8 @@ def test_refuses_foreign_folder_and_file_without_touching_them(tmp_path: Path) -
 
 
 def test_lock_held_names_the_pid(out: Path) -> None:
-    with ParquetWarehouse(out):
-        with pytest.raises(OutputError, match=f"pid {os.getpid()}"):
-            ParquetWarehouse(out).open()
+    with ParquetWarehouse(out), pytest.raises(OutputError, match=f"pid {os.getpid()}"):
+        ParquetWarehouse(out).open()
     # Lock lives outside the table folders.
     assert (out / "_staging" / "lock").exists()
     fd = os.open(out / "_staging" / "lock", os.O_RDWR)
@@ -396,7 +396,7 @@ def test_same_batches_give_identical_rows_in_duckdb_and_parquet(tmp_path: Path) 
     pcon = connect_views(tmp_path / "pq")
     for table in schema.TABLES:
         expected = rows(dcon, table)
-        assert expected, table
+        assert expected or table not in FIVE, table
         assert rows(pcon, table) == expected, table
 
 
@@ -451,3 +451,43 @@ def test_write_behind_raises_a_failed_commit_on_the_next_call(out: Path) -> None
             wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))
         wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # raised once; the warehouse goes on
     assert view_rows_raw(out, "SELECT count(*) FROM call_stages") == [(0,)]
+
+
+def calls_rows(ids: Sequence[int], run_id: str = "run-1") -> pa.Table:
+    """Rows for the calls table (discovery), typed by schema.py."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "call_id": call_uuid(c), "created": BASE + timedelta(minutes=c), "joined": None, "ended": None,
+                "end_reason": "hangup", "billed_duration": "1.5s", "billed_duration_seconds": Decimal("1.5"),
+                "agent_id": None, "metadata": json.dumps({"c": c}), "deleted_at": None,
+                "raw": json.dumps({"callId": call_uuid(c)}), "run_id": run_id, "extracted_at": BASE,
+            }
+            for c in ids
+        ],
+        schema=schema.TABLES["calls"].arrow_schema,
+    )
+
+
+@pytest.mark.skipif("calls" not in schema.TABLES or "etl_state" not in schema.TABLES, reason="no discovery tables")
+def test_upsert_state_and_flag_deleted_match_duckdb(tmp_path: Path) -> None:
+    state = schema.TABLES["etl_state"]
+    calls = schema.TABLES["calls"]
+    deleted_at = BASE + timedelta(days=2)
+    for wh in (DuckDBWarehouse(tmp_path / "w.duckdb"), ParquetWarehouse(tmp_path / "pq")):
+        with wh:
+            assert wh.read_state("watermark") is None
+            for value in ("2024-03-01", "2024-03-02"):
+                wh.upsert(state, pa.Table.from_pylist([{"key": "watermark", "value": value, "updated_at": BASE}], schema=state.arrow_schema))
+            assert wh.read_state("watermark") == "2024-03-02"
+            wh.upsert(calls, calls_rows(range(10)))
+            wh.upsert(calls, calls_rows(range(5, 15), run_id="run-2"))  # 5..9 replaced
+            wh.flag_deleted({call_uuid(c): deleted_at + timedelta(minutes=c) for c in (1, 2, 12)})
+            wh.flag_deleted({call_uuid(1): deleted_at + timedelta(days=1), call_uuid(99): deleted_at})  # kept / unknown
+    dcon = duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True)
+    pcon = connect_views(tmp_path / "pq")
+    for table in ("etl_state", "calls"):
+        assert rows(pcon, table) == rows(dcon, table), table
+    flagged = pcon.execute("SELECT count(*) FROM calls WHERE deleted_at IS NOT NULL").fetchone()
+    assert flagged == (3,)
+    assert pcon.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchone() == (15, 15)

@@ -25,10 +25,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_parquet import call_uuid, commit_spec, fabricate, stage_count  # noqa: E402
+from test_parquet import call_uuid, commit_spec, fabricate, stage_count
 
-from pipeline import schema  # noqa: E402
-from pipeline.load.parquet import STAGING, ParquetWarehouse  # noqa: E402
+from pipeline import schema
+from pipeline.load.parquet import STAGING, ParquetWarehouse
 
 N_CALLS = 40
 RUN_ID = "crash-run"
@@ -47,7 +47,7 @@ MAX_PASSES = {"staged": 12, "journaled": 12, "rename": 150, "applied": 12}
 
 
 def child(out: str, specs_file: str, done_file: str, crash: str) -> None:
-    import pipeline.load.parquet as parquet
+    from pipeline.load import parquet
 
     if crash:
         step, _, nth = crash.partition(":")

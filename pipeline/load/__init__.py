@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -51,6 +52,18 @@ class Warehouse(abc.ABC):
         self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str
     ) -> None: ...
 
+    @abc.abstractmethod
+    def upsert(self, table: schema.Table, rows: pa.Table) -> None:
+        """Insert or replace rows of an unpartitioned table by its primary key."""
+
+    @abc.abstractmethod
+    def read_state(self, key: str) -> str | None:
+        """A value from etl_state (e.g. the incremental watermark), or None."""
+
+    @abc.abstractmethod
+    def flag_deleted(self, deleted: Mapping[str, datetime]) -> None:
+        """Set calls.deleted_at (where not set yet) for listed calls that were deleted."""
+
     def __enter__(self) -> Warehouse:
         self.open()
         return self
@@ -76,6 +89,15 @@ def outcomes_table(outcomes: Sequence[CallOutcome], run_id: str) -> pa.Table:
                 [o.attempted_at for o in outcomes], schema.ETL_CALLS.arrow_schema.field("last_attempt_at").type
             ),
             "error": pa.array([o.error for o in outcomes], pa.string()),
+        }
+    )
+
+
+def deleted_table(deleted: Mapping[str, datetime]) -> pa.Table:
+    return pa.table(
+        {
+            "call_id": pa.array(list(deleted), pa.string()),
+            "deleted_at": pa.array(list(deleted.values()), schema.CALLS.arrow_schema.field("deleted_at").type),
         }
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -11,7 +12,7 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, outcomes_table
+from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, deleted_table, outcomes_table
 from pipeline.lock import OutputLock
 from pipeline.records import CallOutcome, RunRecord
 
@@ -84,6 +85,29 @@ class DuckDBWarehouse(Warehouse):
             f"INSERT OR REPLACE INTO etl_runs ({', '.join(cols)}) VALUES ({placeholders})",
             [row[c] for c in cols],
         )
+
+    def upsert(self, table: schema.Table, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self.con.register("upsert_rows", rows)
+        try:
+            self.con.execute(f"INSERT OR REPLACE INTO {table.name} BY NAME SELECT * FROM upsert_rows")
+        finally:
+            self.con.unregister("upsert_rows")
+
+    def read_state(self, key: str) -> str | None:
+        rows = self.con.execute("SELECT value FROM etl_state WHERE key = ?", [key]).fetchall()
+        return rows[0][0] if rows else None
+
+    def flag_deleted(self, deleted: Mapping[str, datetime]) -> None:
+        self.con.register("deleted_calls", deleted_table(deleted))
+        try:
+            self.con.execute(
+                "UPDATE calls SET deleted_at = d.deleted_at FROM deleted_calls d "
+                "WHERE calls.call_id = d.call_id::UUID AND calls.deleted_at IS NULL"
+            )
+        finally:
+            self.con.unregister("deleted_calls")
 
     def commit_calls(
         self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str

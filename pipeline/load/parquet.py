@@ -76,6 +76,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, outcomes_table
+from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, deleted_table, outcomes_table
 from pipeline.lock import OutputLock
 from pipeline.records import CallOutcome, RunRecord
 
@@ -112,14 +113,15 @@ COMPACT_BELOW_BYTES = 4 << 20
 ROW_GROUP_ROWS = 65_536
 _WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
 
-#: The column identifying which rows a change replaces, per table.
-KEY_COLUMN = {
-    "call_stages": "call_id",
-    "stage_inactivity_messages": "call_id",
-    "stage_voices": "call_id",
-    "etl_calls": "call_id",
-    "etl_runs": "run_id",
-}
+def key_column(table: str) -> str:
+    """The column identifying which rows a change replaces: call_id for the per-call
+    data tables (a call is replaced as a unit), else the single-column primary key."""
+    spec = schema.TABLES[table]
+    if spec.per_call:
+        return "call_id"
+    if len(spec.primary_key) != 1:
+        raise ValueError(f"{table}: the Parquet output needs a single-column key")
+    return spec.primary_key[0]
 _INDEX_SCHEMA = pa.schema(
     [pa.field("table", pa.string(), False), pa.field("key", pa.string(), False), pa.field("file", pa.string(), False)]
 )
@@ -397,7 +399,7 @@ def rebuild_index(root: Path, on_disk: Mapping[str, set[str]]) -> FileIndex:
     """Read only the key column of every file (projection): the recovery path."""
     per_table = {}
     for name, files in on_disk.items():
-        key = KEY_COLUMN[name]
+        key = key_column(name)
         parts = []
         for rel in sorted(files):
             keys = pc.unique(pq.read_table(root / rel, columns=[key])[key].combine_chunks())
@@ -461,6 +463,16 @@ def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: 
 # --------------------------------------------------------------------------- transaction
 
 
+def _rows_with_keys(root: Path, per_table: Mapping[str, pa.Table], table: schema.Table, keys: pa.Array) -> pa.Table:
+    key = key_column(table.name)
+    files = _files_with_keys(per_table[table.name], keys)
+    pieces = [_conform(pq.read_table(root / rel), table) for rel in sorted(files)]
+    if not pieces:
+        return table.arrow_schema.empty_table()
+    rows = pa.concat_tables(pieces)
+    return rows.filter(pc.is_in(rows[key], value_set=keys))
+
+
 @dataclass
 class FileJob:
     """One new file: existing files (minus replaced keys) + new rows, merged.
@@ -478,7 +490,7 @@ class FileJob:
 
     def build(self) -> pa.Array | None:
         """Write the file; return its distinct keys (None when no row is left)."""
-        key = KEY_COLUMN[self.table.name]
+        key = key_column(self.table.name)
         pieces = []
         for path, drop in self.sources:
             rows = _conform(pq.read_table(path), self.table)
@@ -511,13 +523,7 @@ class Transaction:
 
     def rows_with_keys(self, table: schema.Table, keys: pa.Array) -> pa.Table:
         """Current rows of ``table`` whose key is in ``keys`` (reads only their files)."""
-        key = KEY_COLUMN[table.name]
-        files = _files_with_keys(self.per_table[table.name], keys)
-        pieces = [_conform(pq.read_table(self.root / rel), table) for rel in sorted(files)]
-        if not pieces:
-            return table.arrow_schema.empty_table()
-        rows = pa.concat_tables(pieces)
-        return rows.filter(pc.is_in(rows[key], value_set=keys))
+        return _rows_with_keys(self.root, self.per_table, table, keys)
 
     def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, Rows]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
@@ -751,15 +757,45 @@ class ParquetWarehouse(Warehouse):
     def save_run(self, run: RunRecord) -> None:
         row = run.as_row()
         row["options"] = json.dumps(row["options"], sort_keys=True)
-        rows = pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema)
+        self.upsert(schema.ETL_RUNS, pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema))
+
+    def upsert(self, table: schema.Table, rows: pa.Table) -> None:
+        """Insert or replace rows by key (unpartitioned tables); one transaction."""
+        if table.per_call:
+            raise ValueError(f"{table.name} is replaced per call: use commit_calls")
+        if not rows.num_rows:
+            return
+        rows = _conform(rows, table)
+        keys = pc.unique(rows[key_column(table.name)].combine_chunks())
         self._settle()
-        self._transact(
-            lambda tx: tx.replace(
-                schema.ETL_RUNS,
-                pa.array([run.run_id], pa.string()),
-                split_by_partition(rows, schema.ETL_RUNS.name, None, None),
-            )
-        )
+        self._transact(lambda tx: tx.replace(table, keys, split_by_partition(rows, table.name, None, None)))
+
+    def read_state(self, key: str) -> str | None:
+        self._settle()
+        rows = _rows_with_keys(self.path, self.index.per_table, schema.ETL_STATE, pa.array([key], pa.string()))
+        return rows["value"][0].as_py() if rows.num_rows else None
+
+    def flag_deleted(self, deleted: Mapping[str, datetime]) -> None:
+        """Set calls.deleted_at where not set yet; rewrites only the files of those calls."""
+        if not deleted:
+            return
+        self._settle()
+        flags = deleted_table(deleted)
+
+        def work(tx: Transaction) -> None:
+            rows = tx.rows_with_keys(schema.CALLS, flags["call_id"].combine_chunks())
+            rows = rows.filter(pc.is_null(rows["deleted_at"]))
+            if not rows.num_rows:
+                return
+            # Each call's own timestamp, looked up by call_id (vectorised join).
+            ids = flags["call_id"].combine_chunks()
+            stamp = pc.take(flags["deleted_at"], pc.index_in(rows["call_id"], value_set=ids))
+            column = rows.schema.get_field_index("deleted_at")
+            rows = rows.set_column(column, rows.schema.field("deleted_at"), stamp)
+            changed = rows["call_id"].combine_chunks()
+            tx.replace(schema.CALLS, changed, split_by_partition(rows, schema.CALLS.name, None, None))
+
+        self._transact(work)
 
     def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         if not outcomes:
@@ -807,6 +843,8 @@ class ParquetWarehouse(Warehouse):
         except BaseException:
             tx.abort()
             raise
+        if not tx.jobs and not any(tx.deletes.values()):
+            return  # nothing changed (e.g. every listed call was already flagged)
         try:
             self._index = tx.commit()
         except BaseException:
