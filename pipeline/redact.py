@@ -41,6 +41,8 @@ _CREDENTIAL_SUFFIXES = (
     "credential", "credentials", "authorization", "subscriptionkey",
 )
 _name_cache: dict[str, bool] = {}
+#: Every credential name above contains one of these (tests keep them in sync).
+_TRIGGERS = ("key", "token", "secret", "pass", "auth", "bearer", "credential", "cookie", "signature", "session")
 
 
 def is_credential_name(name: str) -> bool:
@@ -52,6 +54,23 @@ def is_credential_name(name: str) -> bool:
         if len(_name_cache) < 10_000:  # keys are few and repetitive; bound it anyway
             _name_cache[name] = known
     return known
+
+
+def may_hold_secret(json_text: str) -> bool:
+    """Cheap pre-check on the JSON text of a provider object: False guarantees that
+    :func:`redact_provider` would not change it (no ``headers``, no credential-like
+    key at any depth), so the object can be used as it is.
+
+    Folding the whole text like the key names are folded keeps every credential key
+    a substring of it, so looking for a few fragments is enough; values that happen to
+    contain one ("keyboard") only cost the full check.
+    """
+    folded = json_text.lower().replace("-", "").replace("_", "")
+    return (
+        '"headers"' in folded or "key" in folded or "token" in folded or "secret" in folded
+        or "pass" in folded or "auth" in folded or "bearer" in folded or "credential" in folded
+        or "cookie" in folded or "signature" in folded or "session" in folded
+    )
 
 
 def _scrub(value: Any) -> Any:
@@ -76,7 +95,7 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _redact_provider(settings: Any) -> Any:
+def redact_provider(settings: Any) -> Any:
     """One provider object (``{"url": ..., "headers": {...}, ...}``), redacted."""
     if not isinstance(settings, dict):
         return settings
@@ -96,7 +115,7 @@ def redact_voice(voice: Any) -> Any:
         return voice
     out: dict[str, Any] | None = None
     for provider, settings in voice.items():
-        clean = _redact_provider(settings)
+        clean = redact_provider(settings)
         if clean is not settings:
             if out is None:
                 out = dict(voice)

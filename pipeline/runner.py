@@ -232,10 +232,7 @@ async def _extract_into(
 
     async def consume() -> None:
         while True:
-            try:
-                fetch = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except TimeoutError:
-                fetch = _TICK
+            fetch = await queue.get()
             if fetch is None:
                 break
             if fetch is not _TICK:
@@ -246,12 +243,37 @@ async def _extract_into(
         await asyncio.to_thread(loader.flush)
         show_progress(force=True)
 
+    async def tick() -> None:
+        # Wakes the consumer so a slow trickle of calls is still committed every few
+        # seconds. (Not wait_for(queue.get(), timeout): on Python 3.11 a get that
+        # completes as the timeout fires loses its item.)
+        while True:
+            await asyncio.sleep(1.0)
+            await queue.put(_TICK)
+
+    result.stats = ExtractStats()
     consumer = asyncio.create_task(consume())
+    ticker = asyncio.create_task(tick())
+    producer = asyncio.create_task(
+        extract_calls(call_ids, settings, api_key, sink, lambda ex: setattr(ex, "stats", result.stats))
+    )
+    # If loading fails (e.g. the disk is full) the consumer stops taking calls; stop
+    # fetching at once instead of letting the workers block on a full queue.
+    await asyncio.wait({consumer, producer}, return_when=asyncio.FIRST_COMPLETED)
+    if consumer.done():  # before the producer: only by an exception
+        ticker.cancel()
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        consumer.result()  # raises what stopped the loader
     try:
-        result.stats = ExtractStats()
-        await extract_calls(call_ids, settings, api_key, sink, lambda ex: setattr(ex, "stats", result.stats))
+        await producer
     finally:
-        await queue.put(None)
+        ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)
+        # The end marker, unless the consumer died meanwhile (a full queue would block).
+        end = asyncio.create_task(queue.put(None))
+        await asyncio.wait({end, consumer}, return_when=asyncio.FIRST_COMPLETED)
+        end.cancel()
         await consumer
 
 

@@ -491,3 +491,17 @@ def test_upsert_state_and_flag_deleted_match_duckdb(tmp_path: Path) -> None:
     flagged = pcon.execute("SELECT count(*) FROM calls WHERE deleted_at IS NOT NULL").fetchone()
     assert flagged == (3,)
     assert pcon.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchone() == (15, 15)
+
+
+def test_compaction_is_size_tiered() -> None:
+    from pipeline.load.parquet import _compactions
+
+    kb, mb = 1 << 10, 1 << 20
+    tiny = {f"t{i}": 100 * kb for i in range(7)}
+    assert _compactions(tiny) == [[], []]  # 7 + the new file: not crowded yet
+    tiny["t7"] = 100 * kb
+    assert _compactions(tiny)[0] == sorted(tiny)  # 8 + 1 > 8: merged into the new file
+    medium = {f"m{i}": 2 * mb for i in range(9)}
+    final = {f"f{i}": 9 * mb for i in range(50)}
+    groups = _compactions(medium | final | {"t": 10 * kb})
+    assert groups == [[], sorted(medium)]  # big files are never merged

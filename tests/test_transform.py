@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.redact import REDACTED, redact_stage
-from pipeline.transform import SPLICE_MIN_CHARS, parse_rfc3339, transform_calls
+from pipeline.transform import _PROMPT_SENTINEL, _VOICE_SENTINELS, SPLICE_MIN_CHARS, parse_rfc3339, transform_calls
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CALL = "5b0f3c9e-2d4a-4e8b-9c1f-7a6d5e4c3b2a"
@@ -305,14 +305,22 @@ def test_100kb_prompt_survives_exactly_in_both_columns() -> None:
     "x" * (SPLICE_MIN_CHARS - 1),
     "y" * SPLICE_MIN_CHARS,
     big_prompt(5_000),
-    # The placeholder used while encoding, in the prompt and elsewhere: still exact.
-    "\x00ultravox-stages:system-prompt\x00" * 20,
+    # The placeholders used while encoding, in the prompt and elsewhere: still exact.
+    _PROMPT_SENTINEL * 20,
+    _PROMPT_SENTINEL,
+    _VOICE_SENTINELS["externalVoice"] * 30,
 ])
-def test_raw_round_trips_for_any_prompt(prompt: str) -> None:
-    stage = simple_stage(uid(1), 1, systemPrompt=prompt, initialState={"x": "\x00ultravox-stages:system-prompt\x00"})
+@pytest.mark.parametrize("elsewhere", [None, _PROMPT_SENTINEL, _VOICE_SENTINELS["externalVoice"]])
+def test_raw_round_trips_for_any_prompt(prompt: str, elsewhere: str | None) -> None:
+    stage = simple_stage(uid(1), 1, systemPrompt=prompt, initialState={"x": elsewhere},
+                         externalVoice={"lmnt": {"voiceId": elsewhere or "lily"}},
+                         voiceOverrides={"generic": {"headers": {"A": "b"}, "body": {"t": elsewhere}}})
     result = transform_calls([(uid(1), [stage])], RUN, NOW)
     [row] = rows(result.tables["call_stages"])
-    assert json.loads(row["raw"]) == stage and row["system_prompt"] == prompt
+    assert json.loads(row["raw"]) == redact_stage(stage) and row["system_prompt"] == prompt
+    assert [json.loads(v) for v in result.tables["stage_voices"]["settings"].to_pylist()] == [
+        {"voiceId": elsewhere or "lily"}, {"headers": {"A": REDACTED}, "body": {"t": elsewhere}}
+    ]
 
 
 def test_raw_rows_stay_aligned_in_a_large_batch() -> None:

@@ -58,12 +58,17 @@ once.
 
 File count: per commit and folder, new rows go to one new file (append) when no file
 there holds a replaced call. Files holding replaced calls are rewritten without those
-rows: a small one (< :data:`COMPACT_BELOW_BYTES`) together with the folder's new rows,
-a big one on its own (file sizes stay bounded, the other calls in it keep their
-neighbours). When a folder would hold more than :data:`MAX_FILES_PER_PARTITION` small
-files, they are all merged into the new file: frequent small runs (cron, a few calls
-each) keep every folder at <= 8 small files plus the big ones, and a compaction never
-rewrites a big file. Untouched folders and files are never read or rewritten.
+rows: a small one (< :data:`SMALL_FILE_BYTES`) merged into the folder's new file, a
+bigger one on its own (file sizes stay bounded and its other calls keep their file).
+Compaction is size-tiered (:data:`COMPACT_TIERS`): when a folder holds more than
+:data:`MAX_FILES_PER_PARTITION` files under 256 KB they are merged into the new file,
+and more than 8 files of 256 KB-8 MB are merged into one. Frequent small runs (cron, a
+few calls each) thus keep every folder at <= 8 tiny files plus a few bigger ones, each
+row is rewritten about once per tier, and a compaction never rewrites a file of 8 MB or
+more. The price shows in long replays of small batches spread over many dates: every
+folder gets a file per batch, so about one rewrite of the data per tier is paid to keep
+the file count bounded (larger batches, e.g. ``batch_stages`` 20-50k, avoid most of it).
+Untouched folders and files are never read or rewritten.
 """
 
 from __future__ import annotations
@@ -105,9 +110,12 @@ FORMAT_TAG = "ultravox-stages-parquet"
 
 #: Compact a folder's small files once it would hold more small files than this.
 MAX_FILES_PER_PARTITION = 8
-#: Files at least this big are left alone by compaction: merging never rewrites big
-#: files just to absorb a few small ones, and merged files stay <= ~9x this size.
-COMPACT_BELOW_BYTES = 4 << 20
+#: Compaction size tiers (upper bounds): files of one tier are merged together once a
+#: folder holds more than MAX_FILES_PER_PARTITION of them; files past the last bound
+#: (a merged file is ~9 x 8 MB at most) are final and never rewritten to merge. A
+#: merge moves files up a tier, so each row is rewritten about once per tier.
+COMPACT_TIERS = (256 << 10, 8 << 20)
+SMALL_FILE_BYTES = COMPACT_TIERS[0]
 #: Rows per row group: ~64k stages of a few KB is ~100-250 MB uncompressed, the usual
 #: target for scan efficiency; smaller tables get one row group.
 ROW_GROUP_ROWS = 65_536
@@ -346,9 +354,6 @@ class FileIndex:
     def all_files(self, table: str) -> set[str]:
         return {rel for files in self.files[table].values() for rel in files}
 
-    def files_with_keys(self, table: str, keys: pa.Array) -> set[str]:
-        return _files_with_keys(self.per_table[table], keys)
-
 
 def _files_with_keys(entries: pa.Table, keys: pa.Array) -> set[str]:
     """Files whose index entries name one of ``keys``: one vectorised is_in."""
@@ -427,6 +432,24 @@ def child_partitions(children: pa.Table, stages: pa.Table, stage_parts: pa.Array
     """A child row lives in its stage's partition (looked up by call_stage_id)."""
     positions = pc.index_in(children["call_stage_id"], value_set=stages["call_stage_id"].combine_chunks())
     return pc.fill_null(pc.take(stage_parts, positions), NULL_PARTITION)
+
+
+def _compactions(sizes: Mapping[str, int]) -> list[list[str]]:
+    """Per size tier, the files to merge: all of the tier's files once there are more
+    than MAX_FILES_PER_PARTITION of them (tier 0 counting the commit's new file).
+
+    Merging only files of a similar size (size-tiered, as in LSM stores) keeps the work
+    per compaction bounded and rewrites each row about once per tier, instead of
+    rewriting an ever-growing merged file every few commits.
+    """
+    groups = []
+    low = 0
+    for tier, high in enumerate(COMPACT_TIERS):
+        members = sorted(rel for rel, size in sizes.items() if low <= size < high)
+        crowded = len(members) + (1 if tier == 0 else 0) > MAX_FILES_PER_PARTITION
+        groups.append(members if crowded else [])
+        low = high
+    return groups
 
 
 @dataclass(frozen=True)
@@ -545,21 +568,23 @@ class Transaction:
         existing = self._files[table.name].get(folder, set())
         size = {rel: (self.root / rel).stat().st_size for rel in existing}
         rewrite = sorted(hits & existing)
-        # A big file holding a replaced call is rewritten on its own (file sizes stay
-        # bounded, the other calls in it keep their neighbours); small ones are folded
-        # into the folder's one new file together with the new rows.
-        big = [rel for rel in rewrite if size[rel] >= COMPACT_BELOW_BYTES]
-        small = [rel for rel in rewrite if size[rel] < COMPACT_BELOW_BYTES]
-        others = sorted(rel for rel in existing - set(rewrite) if size[rel] < COMPACT_BELOW_BYTES)
-        # Crowded with small files (frequent small runs): fold them all in.
-        compact = others if len(others) + 1 > MAX_FILES_PER_PARTITION else []
-        for rel in big:
+        # A file holding a replaced call is rewritten without its rows: a small one is
+        # folded into the folder's one new file with the new rows, a bigger one is
+        # rewritten on its own (sizes stay bounded, its other calls keep their file).
+        fold = [rel for rel in rewrite if size[rel] < SMALL_FILE_BYTES]
+        alone = [rel for rel in rewrite if size[rel] >= SMALL_FILE_BYTES]
+        merges = _compactions({rel: size[rel] for rel in existing - set(rewrite)})
+        for rel in alone:
             self._submit(table, folder, [(self.root / rel, remove)], None)
-        sources: list[tuple[Path, pa.Array | None]] = [(self.root / rel, remove) for rel in small]
-        sources += [(self.root / rel, None) for rel in compact]
+        small = merges.pop(0)  # tier 0 goes into the new file
+        for group in merges:
+            if group:
+                self._submit(table, folder, [(self.root / rel, None) for rel in group], None)
+        sources: list[tuple[Path, pa.Array | None]] = [(self.root / rel, remove) for rel in fold]
+        sources += [(self.root / rel, None) for rel in small]
         if sources or rows is not None:
             self._submit(table, folder, sources, rows)
-        return rewrite + compact
+        return rewrite + [rel for group in [small, *merges] for rel in group]
 
     def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: Rows | None) -> None:
         self._seq += 1
