@@ -169,3 +169,23 @@ def test_bad_dates_exit_2(tmp_path, cli):
     assert res.code == 2 and "--since" in res.stderr
     res = cli("run", "--until", "2025-06-01", "--output", str(tmp_path / "w.duckdb"))
     assert res.code == 2 and "--until needs" in res.stderr
+
+
+def test_incremental_into_parquet(tmp_path, start_sandbox, cli):
+    from pipeline.load import query_connection
+
+    box = start_sandbox(n_calls=80, seed=36)
+    folder = tmp_path / "lake"
+    doomed = box.data.call_ids[3]
+    for _ in range(2):
+        res = cli("run", "--incremental", "--format", "parquet", "--output", str(folder), "--base-url", box.base_url)
+        assert res.code == 0, res.stderr
+        box.data.deleted_call_ids.append(doomed)
+        box.data._deleted_at[doomed] = "2025-06-20T00:00:00Z"
+    con = query_connection("parquet", folder)
+    assert con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchall()[0] == (80, 80)
+    assert con.execute("SELECT count(*) FROM etl_state WHERE key = 'watermark_created'").fetchall()[0][0] == 1
+    assert con.execute("SELECT count(*) FROM call_stages WHERE call_id = ?", [doomed]).fetchall()[0][0] == 0
+    assert con.execute("SELECT deleted_at IS NOT NULL FROM calls WHERE call_id = ?", [doomed]).fetchall()[0][0]
+    alive = [c for c in box.data.call_ids if c != doomed]
+    assert con.execute("SELECT count(*) FROM call_stages").fetchall()[0][0] == expected_for(box.data, alive).stages
