@@ -281,7 +281,10 @@ def run_replay(
     raw_dir: Path, settings: Settings, reporter: Reporter, wait_for_lock: bool = False
 ) -> RunResult:
     started = time.monotonic()
-    warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit)
+    # Write-behind: the next batch is read and transformed while this one is written.
+    warehouse = open_warehouse(
+        settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit, write_behind=True
+    )
     with warehouse:
         run = _new_run(settings, {"replay": str(raw_dir)})
         warehouse.save_run(run)

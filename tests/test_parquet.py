@@ -453,6 +453,38 @@ def test_write_behind_raises_a_failed_commit_on_the_next_call(out: Path) -> None
     assert view_rows_raw(out, "SELECT count(*) FROM call_stages") == [(0,)]
 
 
+def test_duckdb_write_behind_commits_everything_in_order(tmp_path: Path) -> None:
+    db = tmp_path / "wb.duckdb"
+    with DuckDBWarehouse(db, write_behind=True) as wh:
+        for v in range(4):
+            commit_spec(wh, [(c, "loaded", v) for c in range(15)])
+        assert set(wh.call_statuses().values()) == {"loaded"}  # waits for the batch in flight
+        commit_spec(wh, [(3, "not_found", 0)])
+    con = duckdb.connect(str(db), read_only=True)
+    by_call = dict(con.execute(
+        "SELECT call_id::VARCHAR, list(DISTINCT latest_token_count) FROM call_stages GROUP BY call_id").fetchall())
+    assert call_uuid(3) not in by_call and len(by_call) == 14
+    assert all(v == [3] for v in by_call.values())  # the last version of each call, once
+    assert con.execute("SELECT max(attempts), count(*) FROM etl_calls").fetchall() == [(5, 15)]
+    expected = sum(stage_count(c, 3) for c in range(15) if c != 3)
+    assert con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchall() == [(expected, expected)]
+
+
+def test_duckdb_write_behind_raises_a_failed_commit_on_the_next_call(tmp_path: Path) -> None:
+    db = tmp_path / "wb.duckdb"
+    with DuckDBWarehouse(db, write_behind=True) as wh:
+        tables = fabricate([(1, 0)])
+        doubled = {**tables, "call_stages": pa.concat_tables([tables["call_stages"]] * 2)}  # a duplicate key
+        wh.commit_calls(doubled, outcomes_for([(1, "loaded", 0)]), "run-1")
+        with pytest.raises(duckdb.ConstraintException):
+            wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))
+        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # raised once; the warehouse goes on
+        commit_spec(wh, [(2, "loaded", 0)])
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT DISTINCT call_id::VARCHAR FROM call_stages").fetchall() == [(call_uuid(2),)]
+    assert con.execute("SELECT count(*) FROM etl_runs").fetchall() == [(1,)]
+
+
 def calls_rows(ids: Sequence[int], run_id: str = "run-1") -> pa.Table:
     """Rows for the calls table (discovery), typed by schema.py."""
     return pa.Table.from_pylist(

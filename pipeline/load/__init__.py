@@ -8,12 +8,22 @@ Both outputs implement :class:`Warehouse`. The contract every implementation kee
   previous rows. etl_calls is upserted in the same commit (attempts + 1).
 * After any sequence of runs and crashes, primary keys are unique.
 * One writer at a time (``OutputLock``); ``open`` refuses an output that is not ours.
+
+Write-behind (``write_behind=True``, used by ``replay``): ``commit_calls`` returns as
+soon as the batch is handed to one background committer thread (at most one batch in
+flight), so the caller parses and transforms the next batch while DuckDB or pyarrow
+(which release the GIL) write this one on the other core. Commits stay atomic and in
+order; every other method waits for the batch in flight first (``_settle``) and a
+failed commit is raised by the next call. The price: a kill -9 can lose the batch in
+flight although ``commit_calls`` returned, exactly as if the process had died just
+before it: none of its calls is recorded, so they are read (or fetched) again.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -28,9 +38,12 @@ from pipeline.records import CallOutcome, RunRecord
 class Warehouse(abc.ABC):
     format: str = ""
 
-    def __init__(self, path: Path, wait_for_lock: bool = False):
+    def __init__(self, path: Path, wait_for_lock: bool = False, write_behind: bool = False):
         self.path = path
         self.wait_for_lock = wait_for_lock
+        self.write_behind = write_behind
+        self._committer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -47,10 +60,37 @@ class Warehouse(abc.ABC):
     def save_run(self, run: RunRecord) -> None:
         """Insert or update the etl_runs row of ``run``."""
 
+    def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
+        """Commit one batch atomically (see the module docstring), maybe write-behind."""
+        if not outcomes:
+            return
+        self._settle()
+        if not self.write_behind:
+            self._commit_batch(tables, outcomes, run_id)
+            return
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.format}-commit")
+        # Copies: the caller may reuse its containers (Arrow tables are immutable).
+        self._pending = self._committer.submit(self._commit_batch, dict(tables), list(outcomes), run_id)
+
     @abc.abstractmethod
-    def commit_calls(
-        self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str
-    ) -> None: ...
+    def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
+        """The commit itself; never runs concurrently with any other method."""
+
+    def _settle(self) -> None:
+        """Wait for the batch in flight; raise its error (once). Call before any other work."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _stop_committer(self) -> None:
+        """For ``close``: settle, then stop the committer thread (also when settling raises)."""
+        try:
+            self._settle()
+        finally:
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
+                self._committer = None
 
     @abc.abstractmethod
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
@@ -120,15 +160,17 @@ LEFT JOIN previous p ON p.call_id = o.call_id::UUID
 """
 
 
-def open_warehouse(fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "512MB") -> Warehouse:
+def open_warehouse(
+    fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "128MB", write_behind: bool = False
+) -> Warehouse:
     if fmt == "duckdb":
         from pipeline.load.duckdb import DuckDBWarehouse
 
-        return DuckDBWarehouse(path, wait_for_lock, memory_limit)
+        return DuckDBWarehouse(path, wait_for_lock, memory_limit, write_behind)
     if fmt == "parquet":
         from pipeline.load.parquet import ParquetWarehouse
 
-        return ParquetWarehouse(path, wait_for_lock)
+        return ParquetWarehouse(path, wait_for_lock, write_behind)
     raise ValueError(f"unknown format {fmt!r}")
 
 

@@ -701,26 +701,15 @@ def _write_file(rows: pa.Table, path: Path) -> None:
 
 
 class ParquetWarehouse(Warehouse):
-    """The Parquet folder warehouse.
-
-    ``write_behind=True`` lets ``commit_calls`` return as soon as the batch is handed to
-    a background committer (at most one batch in flight): the caller transforms the
-    next batch while this one is encoded on the other cores. Every commit stays atomic
-    and ordered; ``save_run``, ``call_statuses`` and ``close`` wait for it, and a
-    failure is raised by the next call. The price: a kill -9 loses the batch in
-    flight although ``commit_calls`` returned (its calls are simply fetched again).
-    """
+    """The Parquet folder warehouse (``write_behind``: see :mod:`pipeline.load`)."""
 
     format = "parquet"
 
     def __init__(self, path: Path, wait_for_lock: bool = False, write_behind: bool = False):
-        super().__init__(path, wait_for_lock)
-        self.write_behind = write_behind
+        super().__init__(path, wait_for_lock, write_behind)
         self._lock = OutputLock(path / STAGING / LOCK, wait=wait_for_lock)
         self._index: FileIndex | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._committer: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
 
     @property
@@ -744,8 +733,6 @@ class ParquetWarehouse(Warehouse):
             raise
         # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
-        if self.write_behind:
-            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-commit")
         self._con = duckdb.connect()
         # Bound by name at query time to whatever Arrow table is registered then.
         self._con.register("previous_rows", schema.ETL_CALLS.arrow_schema.empty_table())
@@ -753,23 +740,16 @@ class ParquetWarehouse(Warehouse):
 
     def close(self) -> None:
         try:
-            self._settle()  # the batch in flight is committed (or its error raised)
+            self._stop_committer()  # the batch in flight is committed (or its error raised)
         finally:
-            for pool in (self._committer, self._pool):
-                if pool is not None:
-                    pool.shutdown(wait=True)
-            self._committer = self._pool = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
             if self._con is not None:
                 self._con.close()
                 self._con = None
             self._index = None
             self._lock.release()
-
-    def _settle(self) -> None:
-        """Wait for the background commit in flight; raise its error (once)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
 
     def call_statuses(self) -> dict[str, str]:
         self._settle()
@@ -821,15 +801,6 @@ class ParquetWarehouse(Warehouse):
             tx.replace(schema.CALLS, changed, split_by_partition(rows, schema.CALLS.name, None, None))
 
         self._transact(work)
-
-    def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
-        if not outcomes:
-            return
-        self._settle()
-        if self._committer is None:
-            self._commit_batch(tables, outcomes, run_id)
-        else:  # copies: the caller may reuse its containers (Arrow tables are immutable)
-            self._pending = self._committer.submit(self._commit_batch, dict(tables), list(outcomes), run_id)
 
     def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         batch = outcomes_table(outcomes, run_id)
