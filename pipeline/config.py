@@ -52,7 +52,7 @@ class Settings:
     #: A response body larger than this fails the call (protects memory).
     max_response_bytes: int = 64 * 1024 * 1024
     #: Stages gathered before one transform + commit.
-    batch_stages: int = 2500
+    batch_stages: int = 2000
     #: `run --incremental`: list calls from the stored watermark minus the overlap window.
     incremental: bool = False
     #: Hours before the watermark that an incremental run lists (and re-fetches) again.
@@ -60,7 +60,7 @@ class Settings:
     #: Keep the stages of calls the API reports deleted (flagged in calls.deleted_at).
     keep_deleted: bool = False
     #: DuckDB buffer-pool cap while writing (its default is 80% of RAM).
-    duckdb_memory_limit: str = "128MB"
+    duckdb_memory_limit: str = "96MB"
 
     @property
     def output_path(self) -> Path:

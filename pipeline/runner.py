@@ -21,6 +21,7 @@ from pipeline.errors import AuthError, UnreachableError
 from pipeline.extract import ExtractStats, extract_calls
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import Reporter
+from pipeline.memory import release_free_memory, use_system_allocator
 from pipeline.raw import BadLine, RawWriter, read_landing_zone
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
 from pipeline.transform import transform_calls
@@ -76,6 +77,8 @@ class BatchLoader:
         self.warehouse.commit_calls(result.tables, outcomes, self.run.run_id)
         for outcome in outcomes:
             self.run.count(outcome)
+        del fetches, loaded, result
+        release_free_memory()
 
     def _outcome(self, fetch: CallFetch, failures: dict[str, str], counts: dict[str, int]) -> CallOutcome:
         status, error, stages = fetch.status, fetch.error, None
@@ -128,6 +131,7 @@ def run_export(
     discovery: Discovery | None = None,
 ) -> RunResult:
     started = time.monotonic()
+    use_system_allocator()
     warehouse = open_warehouse(settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit)
     with warehouse:
         statuses = warehouse.call_statuses()
@@ -281,6 +285,7 @@ def run_replay(
     raw_dir: Path, settings: Settings, reporter: Reporter, wait_for_lock: bool = False
 ) -> RunResult:
     started = time.monotonic()
+    use_system_allocator()
     # Write-behind: the next batch is read and transformed while this one is written.
     warehouse = open_warehouse(
         settings.format, settings.output_path, wait_for_lock, settings.duckdb_memory_limit, write_behind=True

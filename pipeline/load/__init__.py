@@ -161,7 +161,7 @@ LEFT JOIN previous p ON p.call_id = o.call_id::UUID
 
 
 def open_warehouse(
-    fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "128MB", write_behind: bool = False
+    fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "96MB", write_behind: bool = False
 ) -> Warehouse:
     if fmt == "duckdb":
         from pipeline.load.duckdb import DuckDBWarehouse

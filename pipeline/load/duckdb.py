@@ -49,7 +49,7 @@ class DuckDBWarehouse(Warehouse):
     format = "duckdb"
 
     def __init__(
-        self, path: Path, wait_for_lock: bool = False, memory_limit: str = "128MB", write_behind: bool = False
+        self, path: Path, wait_for_lock: bool = False, memory_limit: str = "96MB", write_behind: bool = False
     ):
         super().__init__(path, wait_for_lock, write_behind)
         self.memory_limit = memory_limit
