@@ -31,20 +31,34 @@ from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData  # noqa: E40
 KEY = "bench-key"
 
 
-def extraction_near_limit(calls: int, latency_ms: float, limit_rps: float, concurrency: int) -> dict[str, object]:
-    """Target 1: achieved requests/s ≥ 90% of min(concurrency / latency, R), ≤ 2% 429s."""
-    data = SyntheticData(n_calls=calls, seed=1)
-    options = SandboxOptions(api_key=KEY, latency_ms=latency_ms, rate_limit_rps=limit_rps)
-    with tempfile.TemporaryDirectory() as tmp, Sandbox(data, options) as box:
+def extraction_near_limit(calls: int, latency_ms: float, limit_rps: float, concurrency: int,
+                          max_rps: float = 1000.0) -> dict[str, object]:
+    """Target 1: achieved requests/s ≥ 90% of min(concurrency / latency, R), ≤ 2% 429s.
+
+    The sandbox runs in its own process, as `ultravox-stages sandbox --rate-limit R`
+    (an in-process one would share the interpreter lock with the client). --max-rps is
+    set far above R, so the client's adaptive rate, not the cap, has to find R.
+    Achieved = requests answered without 429 per second of the whole run_export
+    (warehouse open and final commit included); 429s over every request sent.
+
+    One cost is fixed per run: when the server's one-second burst runs out, most of
+    the requests then in flight (about concurrency × (1 − R / pace)) are answered 429
+    before any client can know. main() therefore measures 10 seconds of traffic
+    (1000 calls at R = 100) rather than 4 (400 calls, a quarter of them the burst)."""
+    from pipeline.sandbox import SandboxProcess
+
+    with tempfile.TemporaryDirectory() as tmp, SandboxProcess(
+        n_calls=calls, seed=1, api_key=KEY, latency_ms=latency_ms, rate_limit_rps=limit_rps
+    ) as box:
         settings = Settings(base_url=box.base_url, output=f"{tmp}/x.duckdb", concurrency=concurrency,
-                            max_rps=1000.0, page_size=100)
+                            max_rps=max_rps, page_size=100)
         started = time.monotonic()
-        result = run_export(settings, list(data.call_ids), KEY, Reporter(progress=False))
+        result = run_export(settings, box.call_ids, KEY, Reporter(progress=False))
         seconds = time.monotonic() - started
-        requests = box.stats.requests
-        throttled = box.stats.throttled
+    assert result.stats is not None
+    requests, throttled = result.stats.requests, result.stats.throttled
     ceiling = min(concurrency / (latency_ms / 1000), limit_rps)
-    achieved = requests / seconds
+    achieved = (requests - throttled) / seconds
     return {
         "what": f"extract {calls} calls, {latency_ms:.0f} ms latency, server limit {limit_rps:.0f} req/s, concurrency {concurrency}",
         "figure": f"{achieved:.0f} req/s = {achieved / ceiling:.0%} of {ceiling:.0f}; 429s {throttled}/{requests} = {throttled / max(requests, 1):.1%}",
@@ -79,19 +93,47 @@ def sequential_baseline(base_url: str, call_ids: list[str], db_path: str) -> flo
 
 
 def end_to_end_vs_sequential(calls: int, latency_ms: float) -> dict[str, object]:
-    """Target 2: ≥ 20× faster than the sequential baseline on the same sandbox."""
-    data = SyntheticData(n_calls=calls, seed=2)
-    with tempfile.TemporaryDirectory() as tmp, Sandbox(data, SandboxOptions(api_key=KEY, latency_ms=latency_ms)) as box:
-        baseline = sequential_baseline(box.base_url, list(data.call_ids), f"{tmp}/baseline.duckdb")
-        settings = Settings(base_url=box.base_url, output=f"{tmp}/ours.duckdb", concurrency=64, max_rps=5000.0)
-        started = time.monotonic()
-        run_export(settings, list(data.call_ids), KEY, Reporter(progress=False))
-        ours = time.monotonic() - started
+    """Target 2: ≥ 20× faster than the sequential baseline on the same sandbox.
+
+    The sandbox runs in its own process (`ultravox-stages sandbox`) for both. Ours is
+    the real CLI in a child process, interpreter start-up included: `ultravox-stages
+    run --concurrency 64 --max-rps 5000` (the sandbox has no rate limit). A first,
+    untimed run of ours warms the sandbox (it builds and caches each page on first
+    request), so both sides are measured against the same warm server; ours is the
+    mean of two timed runs. Both must load the same number of stages."""
+    import duckdb
+
+    from pipeline.sandbox import SandboxProcess
+
+    with tempfile.TemporaryDirectory() as tmp, SandboxProcess(
+        n_calls=calls, seed=2, api_key=KEY, latency_ms=latency_ms
+    ) as box:
+        ids = Path(tmp) / "ids.txt"
+        ids.write_text("".join(f"{c}\n" for c in box.call_ids))
+
+        def ours(name: str) -> float:
+            command = [sys.executable, "-m", "pipeline", "run", "--calls-file", str(ids), "--base-url", box.base_url,
+                       "--output", f"{tmp}/{name}.duckdb", "--concurrency", "64", "--max-rps", "5000", "--no-progress"]
+            started = time.monotonic()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "ULTRAVOX_API_KEY": KEY})
+            if done.returncode != 0:
+                raise RuntimeError(f"ultravox-stages run exited {done.returncode}: {done.stderr[-500:]}")
+            return time.monotonic() - started
+
+        ours("warm-up")
+        runs = [ours("ours1"), ours("ours2")]
+        baseline = sequential_baseline(box.base_url, box.call_ids, f"{tmp}/baseline.duckdb")
+        stages = []
+        for name in ("ours2", "baseline"):
+            with duckdb.connect(f"{tmp}/{name}.duckdb", read_only=True) as con:
+                stages.append(con.execute("SELECT count(*) FROM call_stages").fetchall()[0][0])
+    mean = sum(runs) / len(runs)
     return {
-        "what": f"end to end {calls} calls at {latency_ms:.0f} ms: ours (concurrency 64) vs sequential + row inserts",
-        "figure": f"ours {ours:.2f}s vs baseline {baseline:.2f}s = {baseline / ours:.1f}×",
+        "what": f"end to end {calls} calls ({stages[0]:,} stages) at {latency_ms:.0f} ms: ours (CLI, concurrency 64) vs sequential + row inserts",
+        "figure": f"ours {mean:.2f}s ({runs[0]:.2f}, {runs[1]:.2f}) vs baseline {baseline:.2f}s = {baseline / mean:.1f}×",
         "target": "≥ 20×",
-        "ok": baseline / ours >= 20,
+        "ok": baseline / mean >= 20 and stages[0] == stages[1],
     }
 
 
@@ -228,8 +270,14 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
 
-    rows.append(extraction_near_limit(40 if small else 400, 50, 100, 16))
-    rows.append(end_to_end_vs_sequential(20 if small else 200, 50))
+    rows.append(extraction_near_limit(40 if small else 1000, 50, 100, 16))
+    if not small:  # the same at other points: more in flight; a higher limit (ceiling 200 of 320)
+        rows.append(extraction_near_limit(1000, 50, 100, 32))
+        rows.append(extraction_near_limit(2000, 50, 200, 16))
+        # The issue's example size: a 4 s run, where the first overrun of the server's
+        # one-second burst (~concurrency requests answered 429 at once) weighs most.
+        rows.append(extraction_near_limit(400, 50, 100, 16))
+    rows.append(end_to_end_vs_sequential(20 if small else 1000, 50))
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         sizes = [500, 2_000] if small else [10_000, 100_000]

@@ -3,19 +3,24 @@
 * :func:`classify` is the only place that decides what an answer means (ok, 404,
   auth failure, transient, fatal) and :func:`is_transient` the only place that
   decides what is retried.
-* :class:`OriginKeyAuth` adds ``X-API-Key`` only to requests whose origin (scheme,
-  host, port) is the configured base URL's, so a redirect or a ``next`` link to
-  another host can never carry the key.
+* :class:`ApiSession` sends every request and adds ``X-API-Key`` only to requests
+  whose origin (scheme, host, port) is the configured base URL's, so a ``next``
+  link to another host can never carry the key (redirects are never followed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import functools
+import importlib.util
 import ipaddress
 import json
 import random
+import ssl
+import sys
 import time
-from collections.abc import Generator
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +40,28 @@ from pipeline.errors import (
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = f"ultravox-stages/{__version__}"
+
+
+def _remember_missing_sniffio() -> None:
+    """httpcore runs ``import sniffio`` on every lock and semaphore it sets up, several
+    times per request; anyio >= 4.11 no longer installs sniffio, and Python does not
+    cache a failed import, so each of those rescans sys.path (~0.2 ms): over half of our
+    CPU per request on a fast API (encode/httpcore#1103). A ``None`` in sys.modules is
+    Python's own "known missing" marker: the import then fails at once, as before."""
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+_remember_missing_sniffio()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every connection pool: building one loads the CA bundle
+    (~30 ms of CPU), and extract runs a pool per request in flight. Same trust as
+    httpx's default (certifi; SSL_CERT_FILE is not read: the environment is not
+    trusted, as before)."""
+    return httpx.create_ssl_context(trust_env=False)
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -72,44 +99,93 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class OriginKeyAuth(httpx.Auth):
-    """Send the API key to the configured origin only."""
+def build_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
+    """One connection pool. No proxies from the environment (trust_env off, as the
+    API key must only ever go to the configured origin)."""
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30
+    )
+    return httpx.AsyncHTTPTransport(verify=_tls_context(), limits=limits, trust_env=False)
 
-    def __init__(self, api_key: str, base_url: httpx.URL):
-        self._key = api_key
-        self._origin = origin(base_url)
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if origin(request.url) == self._origin:
-            request.headers["X-API-Key"] = self._key
-        yield request
+class ApiSession:
+    """Every request to the API: a GET with our headers and timeout, and the API key —
+    sent only to the configured origin (scheme, host, port), so a ``next`` link to
+    another host can never carry it. Redirects are never followed (a 3xx is an answer
+    for :func:`classify`).
+
+    Requests go straight to httpx transports, not through ``httpx.AsyncClient``: its
+    layers (auth flow, cookie jar, redirect loop, request merging) cost about a third
+    of the CPU of a request, and nothing here uses them. ``pools`` connection pools
+    share ``settings.concurrency`` connections and are handed out idle first (with
+    one connection each, every request gets a pool of its own): one big pool spent
+    more CPU on its bookkeeping than on the requests (PERFORMANCE.md). ``transport``
+    replaces them all (tests pass an ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        api_key: str | None,
+        pools: int = 1,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+        self._origin = origin(self.base_url)
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "Connection": "keep-alive",
+        }
+        self._plain = httpx.Headers(headers)
+        self._keyed = httpx.Headers(headers | {"X-API-Key": api_key}) if api_key else self._plain
+        self._extensions = {"timeout": httpx.Timeout(settings.timeout_seconds).as_dict()}
+        if transport is not None:
+            self._transports: list[httpx.AsyncBaseTransport] = [transport]
+        else:
+            pools = max(1, min(pools, settings.concurrency))
+            self._transports = [build_transport(-(-settings.concurrency // pools)) for _ in range(pools)]
+        self._idle = list(self._transports)
+        self._turn = 0
+
+    def build_request(self, url: str) -> httpx.Request:
+        target = httpx.URL(url)
+        headers = self._keyed if origin(target) == self._origin else self._plain
+        return httpx.Request("GET", target, headers=headers, extensions=self._extensions)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str) -> AsyncIterator[httpx.Response]:
+        """GET ``url``; the response's body is read (or not) inside the block."""
+        request = self.build_request(url)
+        idle = bool(self._idle)
+        if idle:
+            transport = self._idle.pop()  # the most recently used: its connection is warm
+        else:  # more requests than pools: share them in turn
+            self._turn += 1
+            transport = self._transports[self._turn % len(self._transports)]
+        try:
+            response = await transport.handle_async_request(request)
+            try:
+                yield response
+            finally:
+                await response.aclose()
+        finally:
+            if idle:
+                self._idle.append(transport)
+
+    async def aclose(self) -> None:
+        for transport in self._transports:
+            await transport.aclose()
+
+    async def __aenter__(self) -> ApiSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or traceback
-        return f"OriginKeyAuth(origin={self._origin!r})"
-
-
-def build_client(
-    settings: Settings,
-    api_key: str | None,
-    transport: httpx.AsyncBaseTransport | None = None,
-    max_connections: int | None = None,
-) -> httpx.AsyncClient:
-    base = check_base_url(settings.base_url, settings.allow_insecure_http)
-    connections = max_connections or settings.concurrency
-    limits = httpx.Limits(
-        max_connections=connections,
-        max_keepalive_connections=connections,
-        keepalive_expiry=30,
-    )
-    return httpx.AsyncClient(
-        auth=OriginKeyAuth(api_key, base) if api_key else None,
-        timeout=httpx.Timeout(settings.timeout_seconds),
-        limits=limits,
-        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-        follow_redirects=False,
-        trust_env=False,
-        transport=transport,
-    )
+        return f"ApiSession(origin={self._origin!r}, pools={len(self._transports)})"
 
 
 def parse_retry_after(value: str | None, settings: Settings, now: float | None = None) -> float | None:
@@ -206,7 +282,11 @@ async def read_body(response: httpx.Response, limit: int) -> bytes:
         raise ResponseTooLargeError(f"response of {int(declared)} bytes exceeds the {limit}-byte cap")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    # Not encoded (what servers send without gzip): the transport's stream itself,
+    # without httpx's decoder and re-chunking layers (a tenth of a request's CPU).
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    stream = response.stream if encoding == "identity" else response.aiter_bytes()
+    async for chunk in stream:  # type: ignore[union-attr]
         size += len(chunk)
         if size > limit:
             raise ResponseTooLargeError(f"response larger than the {limit}-byte cap")

@@ -22,6 +22,8 @@ import json
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -30,12 +32,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-__all__ = ["Sandbox", "SandboxOptions", "SandboxStats", "SyntheticData", "serve", "write_call_ids"]
+__all__ = ["Sandbox", "SandboxOptions", "SandboxProcess", "SandboxStats", "SyntheticData", "serve", "write_call_ids"]
 
 # --------------------------------------------------------------------------- data
 
@@ -656,7 +659,14 @@ def _not_found() -> _Reply:
 
 
 class _TokenBucket:
-    """Server-side rate limit over all requests: burst of one second's worth."""
+    """Server-side rate limit over all requests (``rate_limit_rps`` = R): a bucket of R
+    tokens (one second's worth) refilled at R per second; a request finding it empty
+    gets 429 with ``Retry-After: 1``. That is how "R requests/s" limits usually behave,
+    the live API's included: its 429 bodies are Django REST framework's, whose throttle
+    admits R requests in any one-second window. So a client starting at full speed gets
+    a second's worth through at once and meets the limit only when that burst is
+    spent, with all its requests then in flight. The bucket is checked after the
+    simulated latency, i.e. once the request has "arrived"."""
 
     def __init__(self, rps: float) -> None:
         self._rps = rps
@@ -1029,6 +1039,89 @@ class Sandbox:
         self.stats.reset()
 
     def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SandboxProcess:
+    """The simulated API as ``ultravox-stages sandbox`` in a child process, for
+    measurements: an in-process :class:`Sandbox` shares the interpreter lock with the
+    client it serves, so it slows the client down and is slowed down by it.
+
+    ``with SandboxProcess(n_calls=1000, latency_ms=50) as box: box.base_url, box.call_ids``
+    — started when entered (it waits until the server accepts connections) and
+    stopped when left. Only the options the ``sandbox`` command has are available.
+    """
+
+    def __init__(
+        self,
+        n_calls: int = 500,
+        seed: int = 0,
+        api_key: str | None = "sandbox-key",
+        latency_ms: float = 0.0,
+        rate_limit_rps: float | None = None,
+        host: str = "127.0.0.1",
+        startup_seconds: float = 30.0,
+    ) -> None:
+        self.n_calls, self.seed, self.api_key = n_calls, seed, api_key
+        self.latency_ms, self.rate_limit_rps = latency_ms, rate_limit_rps
+        self.host, self.startup_seconds = host, startup_seconds
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._proc is None:
+            raise RuntimeError("sandbox not started")
+        return f"http://{self.host}:{self.port}"
+
+    @cached_property
+    def call_ids(self) -> list[str]:
+        """The served call IDs (derived from (seed, index) alone, like the child's)."""
+        return SyntheticData(n_calls=self.n_calls, seed=self.seed).call_ids
+
+    def start(self) -> SandboxProcess:
+        for _ in range(3):  # the free port can be taken before the child binds it
+            with socket.socket() as probe:
+                probe.bind((self.host, 0))
+                self.port = probe.getsockname()[1]
+            args = [sys.executable, "-m", "pipeline", "sandbox", "--host", self.host, "--port", str(self.port),
+                    "--calls", str(self.n_calls), "--seed", str(self.seed), "--latency-ms", str(self.latency_ms)]
+            args += ["--no-auth"] if self.api_key is None else ["--api-key", self.api_key]
+            if self.rate_limit_rps:
+                args += ["--rate-limit", str(self.rate_limit_rps)]
+            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError("the sandbox process did not start")
+
+    def _wait_ready(self) -> bool:
+        assert self._proc is not None and self.port is not None
+        deadline = time.monotonic() + self.startup_seconds
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> SandboxProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

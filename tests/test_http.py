@@ -1,3 +1,4 @@
+import asyncio
 import email.utils
 import time
 
@@ -6,7 +7,7 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.errors import AuthError, CallError, InsecureURLError, TransientError
-from pipeline.http import OriginKeyAuth, check_base_url, classify, decode_json, is_transient, parse_retry_after
+from pipeline.http import ApiSession, check_base_url, classify, decode_json, is_transient, parse_retry_after, read_body
 
 S = Settings(retry_after_max_seconds=60, retry_after_min_seconds=0.05)
 URL = "https://api.ultravox.ai/api/calls/x/stages"
@@ -78,20 +79,51 @@ def test_insecure_http_refused_except_loopback():
 
 
 def test_key_only_sent_to_origin():
-    auth = OriginKeyAuth("sk-secret", httpx.URL("https://api.ultravox.ai"))
-    seen = {}
+    session = ApiSession(Settings(base_url="https://api.ultravox.ai"), "sk-secret")
+    seen = {url: session.build_request(url).headers.get("X-API-Key") for url in (
+        "https://api.ultravox.ai/api/calls",
+        "https://api.ultravox.ai:443/api/calls?x=1",  # :443 is the same origin
+        "https://evil.example.com/api/calls",
+        "http://api.ultravox.ai/api/calls",  # other scheme = other origin
+        "https://api.ultravox.ai:8443/api/calls",  # other port = other origin
+    )}
+    assert list(seen.values()) == ["sk-secret", "sk-secret", None, None, None]
+    assert "sk-secret" not in repr(session)
+
+
+def test_session_sends_our_headers_and_never_follows_redirects():
+    seen = []
 
     def handler(request):
-        seen[str(request.url)] = request.headers.get("X-API-Key")
-        return httpx.Response(200, json={})
+        seen.append(request)
+        return httpx.Response(302, headers={"Location": "https://evil.example.com/x"})
 
-    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
-        client.get("https://api.ultravox.ai/api/calls")
-        client.get("https://api.ultravox.ai:443/api/calls?x=1")
-        client.get("https://evil.example.com/api/calls")
-        client.get("http://api.ultravox.ai/api/calls")  # other scheme = other origin
-        client.get("https://api.ultravox.ai:8443/api/calls")  # other port = other origin
-    assert seen["https://api.ultravox.ai/api/calls"] == "sk-secret"
-    assert seen["https://api.ultravox.ai/api/calls?x=1"] == "sk-secret"  # :443 is the same origin
-    assert [v for k, v in seen.items() if "evil" in k or "http://" in k or "8443" in k] == [None, None, None]
-    assert "sk-secret" not in repr(auth)
+    async def get():
+        settings = Settings(base_url="https://api.ultravox.ai", timeout_seconds=7)
+        async with ApiSession(settings, "k", transport=httpx.MockTransport(handler)) as session:
+            async with session.stream("https://api.ultravox.ai/api/calls") as response:
+                return response.status_code
+
+    assert asyncio.run(get()) == 302 and len(seen) == 1
+    headers = seen[0].headers
+    assert headers["x-api-key"] == "k" and headers["accept"] == "application/json"
+    assert headers["user-agent"].startswith("ultravox-stages/") and headers["host"] == "api.ultravox.ai"
+    assert seen[0].extensions["timeout"]["read"] == 7
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_read_body_plain_or_gzip(encoding):
+    import gzip
+
+    payload = b'{"results": []}' * 100
+    body = gzip.compress(payload) if encoding else payload
+    headers = {"Content-Encoding": encoding} if encoding else {}
+
+    async def read():
+        settings = Settings(base_url="https://api.ultravox.ai")
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, headers=headers, content=body))
+        async with ApiSession(settings, "k", transport=transport) as session:
+            async with session.stream("https://api.ultravox.ai/api/calls") as response:
+                return await read_body(response, 10_000)
+
+    assert asyncio.run(read()) == payload

@@ -427,3 +427,21 @@ def test_stop_is_idempotent_and_frees_the_port() -> None:
     sb.stop()
     with pytest.raises(httpx.TransportError):
         httpx.get(url, timeout=2)
+
+
+def test_sandbox_process_serves_the_same_data_and_stops(client: httpx.Client) -> None:
+    from pipeline.sandbox import SandboxProcess
+
+    with SandboxProcess(n_calls=5, seed=3, api_key=KEY, rate_limit_rps=1000) as box:
+        assert box.call_ids == SyntheticData(n_calls=5, seed=3).call_ids
+        call_id = box.call_ids[1]
+        r = client.get(f"{box.base_url}/api/calls/{call_id}/stages")
+        assert r.status_code == 200
+        assert r.json()["results"] == SyntheticData(n_calls=5, seed=3).stages_for(call_id)[:10]
+        wrong = client.get(f"{box.base_url}/api/calls/{call_id}/stages", headers={"X-API-Key": "wrong"})
+        assert wrong.status_code == 403
+        url = box.base_url
+        process = box._proc
+    assert process is not None and process.poll() is not None  # stopped on leaving
+    with pytest.raises(httpx.TransportError):
+        client.get(f"{url}/api/calls/{call_id}/stages")
