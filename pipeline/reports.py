@@ -49,6 +49,28 @@ _COMMENT_OR_STRING = re.compile(r"--[^\n]*|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
+#: Each voice beside its stage's common columns: what every sql/voices_<provider>.sql
+#: report selects from (the per-provider files only type their provider's settings).
+STAGE_VOICE_ROWS_SQL = """
+CREATE OR REPLACE TEMP VIEW stage_voice_rows AS
+SELECT
+  v.call_id::VARCHAR AS call_id,
+  v.call_stage_id::VARCHAR AS call_stage_id,
+  s.stage_index,
+  s.created,
+  s.model AS stage_model,
+  v.role,
+  v.voice_id,
+  v.model AS tts_model,
+  v.speed,
+  v.provider,
+  v.settings
+FROM stage_voices v
+JOIN call_stages s ON s.call_stage_id = v.call_stage_id
+"""
+
+
+
 class ReportFileError(Exception):
     """A file in sql/ that breaks the report conventions (a bug in the package)."""
 
@@ -188,6 +210,7 @@ def run_report(
     from pipeline.load import query_connection
 
     con = query_connection(fmt, Path(path))
+    con.execute(STAGE_VOICE_ROWS_SQL)
     try:
         names, types, rows = run_query(con, sql, bound)
     except duckdb.Error as exc:

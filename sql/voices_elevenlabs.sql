@@ -9,29 +9,21 @@
 --   enable_ssml_parsing (BOOLEAN), optimize_streaming_latency, max_sample_rate (INTEGER),
 --   pronunciation_dictionaries (number of dictionary references).
 -- Parameters: --since/--until (UTC created date, inclusive), --model (stage model).
--- Use as a view: CREATE VIEW voices_elevenlabs AS <this query without the $since/$until/$model conditions>.
+-- Use as a view: CREATE VIEW voices_elevenlabs AS <this query without the $since/$until/$model conditions>,
+--   after the view stage_voice_rows (STAGE_VOICE_ROWS_SQL in pipeline/reports.py).
 SELECT
-  v.call_id::VARCHAR AS call_id,
-  v.call_stage_id::VARCHAR AS call_stage_id,
-  s.stage_index,
-  s.created,
-  s.model AS stage_model,
-  v.role,
-  v.voice_id,
-  v.model AS tts_model,
-  v.speed,
-  TRY_CAST(v.settings->>'$.stability' AS DOUBLE) AS stability,
-  TRY_CAST(v.settings->>'$.similarityBoost' AS DOUBLE) AS similarity_boost,
-  TRY_CAST(v.settings->>'$.style' AS DOUBLE) AS style,
-  TRY_CAST(v.settings->>'$.useSpeakerBoost' AS BOOLEAN) AS use_speaker_boost,
-  TRY_CAST(v.settings->>'$.enableSsmlParsing' AS BOOLEAN) AS enable_ssml_parsing,
-  TRY_CAST(v.settings->>'$.optimizeStreamingLatency' AS INTEGER) AS optimize_streaming_latency,
-  TRY_CAST(v.settings->>'$.maxSampleRate' AS INTEGER) AS max_sample_rate,
-  json_array_length(v.settings, '$.pronunciationDictionaries') AS pronunciation_dictionaries
-FROM stage_voices v
-JOIN call_stages s ON s.call_stage_id = v.call_stage_id
-WHERE v.provider = 'elevenLabs'
-  AND ($since IS NULL OR timezone('UTC', s.created)::DATE >= $since::DATE)
-  AND ($until IS NULL OR timezone('UTC', s.created)::DATE <= $until::DATE)
-  AND ($model IS NULL OR s.model = $model)
-ORDER BY s.created NULLS LAST, call_id, s.stage_index, v.role
+  * EXCLUDE (provider, settings),
+  TRY_CAST(settings->>'$.stability' AS DOUBLE) AS stability,
+  TRY_CAST(settings->>'$.similarityBoost' AS DOUBLE) AS similarity_boost,
+  TRY_CAST(settings->>'$.style' AS DOUBLE) AS style,
+  TRY_CAST(settings->>'$.useSpeakerBoost' AS BOOLEAN) AS use_speaker_boost,
+  TRY_CAST(settings->>'$.enableSsmlParsing' AS BOOLEAN) AS enable_ssml_parsing,
+  TRY_CAST(settings->>'$.optimizeStreamingLatency' AS INTEGER) AS optimize_streaming_latency,
+  TRY_CAST(settings->>'$.maxSampleRate' AS INTEGER) AS max_sample_rate,
+  json_array_length(settings, '$.pronunciationDictionaries') AS pronunciation_dictionaries
+FROM stage_voice_rows
+WHERE provider = 'elevenLabs'
+  AND ($since IS NULL OR timezone('UTC', created)::DATE >= $since::DATE)
+  AND ($until IS NULL OR timezone('UTC', created)::DATE <= $until::DATE)
+  AND ($model IS NULL OR stage_model = $model)
+ORDER BY created NULLS LAST, call_id, stage_index, role

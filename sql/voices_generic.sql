@@ -9,29 +9,21 @@
 --   response_mime_type, json_audio_field_path, json_byte_encoding, header_names
 --   (VARCHAR[]; header values are redacted at load and not shown), body (JSON).
 -- Parameters: --since/--until (UTC created date, inclusive), --model (stage model).
--- Use as a view: CREATE VIEW voices_generic AS <this query without the $since/$until/$model conditions>.
+-- Use as a view: CREATE VIEW voices_generic AS <this query without the $since/$until/$model conditions>,
+--   after the view stage_voice_rows (STAGE_VOICE_ROWS_SQL in pipeline/reports.py).
 SELECT
-  v.call_id::VARCHAR AS call_id,
-  v.call_stage_id::VARCHAR AS call_stage_id,
-  s.stage_index,
-  s.created,
-  s.model AS stage_model,
-  v.role,
-  v.voice_id,
-  v.model AS tts_model,
-  v.speed,
-  v.settings->>'$.url' AS url,
-  TRY_CAST(v.settings->>'$.responseSampleRate' AS INTEGER) AS response_sample_rate,
-  TRY_CAST(v.settings->>'$.responseWordsPerMinute' AS INTEGER) AS response_words_per_minute,
-  v.settings->>'$.responseMimeType' AS response_mime_type,
-  v.settings->>'$.jsonAudioFieldPath' AS json_audio_field_path,
-  v.settings->>'$.jsonByteEncoding' AS json_byte_encoding,
-  json_keys(v.settings, '$.headers') AS header_names,
-  v.settings->'$.body' AS body
-FROM stage_voices v
-JOIN call_stages s ON s.call_stage_id = v.call_stage_id
-WHERE v.provider = 'generic'
-  AND ($since IS NULL OR timezone('UTC', s.created)::DATE >= $since::DATE)
-  AND ($until IS NULL OR timezone('UTC', s.created)::DATE <= $until::DATE)
-  AND ($model IS NULL OR s.model = $model)
-ORDER BY s.created NULLS LAST, call_id, s.stage_index, v.role
+  * EXCLUDE (provider, settings),
+  settings->>'$.url' AS url,
+  TRY_CAST(settings->>'$.responseSampleRate' AS INTEGER) AS response_sample_rate,
+  TRY_CAST(settings->>'$.responseWordsPerMinute' AS INTEGER) AS response_words_per_minute,
+  settings->>'$.responseMimeType' AS response_mime_type,
+  settings->>'$.jsonAudioFieldPath' AS json_audio_field_path,
+  settings->>'$.jsonByteEncoding' AS json_byte_encoding,
+  json_keys(settings, '$.headers') AS header_names,
+  settings->'$.body' AS body
+FROM stage_voice_rows
+WHERE provider = 'generic'
+  AND ($since IS NULL OR timezone('UTC', created)::DATE >= $since::DATE)
+  AND ($until IS NULL OR timezone('UTC', created)::DATE <= $until::DATE)
+  AND ($model IS NULL OR stage_model = $model)
+ORDER BY created NULLS LAST, call_id, stage_index, role

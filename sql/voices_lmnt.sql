@@ -7,22 +7,14 @@
 --   stage's LLM), role, voice_id, tts_model, speed (as in stage_voices).
 -- Columns: conversational (BOOLEAN).
 -- Parameters: --since/--until (UTC created date, inclusive), --model (stage model).
--- Use as a view: CREATE VIEW voices_lmnt AS <this query without the $since/$until/$model conditions>.
+-- Use as a view: CREATE VIEW voices_lmnt AS <this query without the $since/$until/$model conditions>,
+--   after the view stage_voice_rows (STAGE_VOICE_ROWS_SQL in pipeline/reports.py).
 SELECT
-  v.call_id::VARCHAR AS call_id,
-  v.call_stage_id::VARCHAR AS call_stage_id,
-  s.stage_index,
-  s.created,
-  s.model AS stage_model,
-  v.role,
-  v.voice_id,
-  v.model AS tts_model,
-  v.speed,
-  TRY_CAST(v.settings->>'$.conversational' AS BOOLEAN) AS conversational
-FROM stage_voices v
-JOIN call_stages s ON s.call_stage_id = v.call_stage_id
-WHERE v.provider = 'lmnt'
-  AND ($since IS NULL OR timezone('UTC', s.created)::DATE >= $since::DATE)
-  AND ($until IS NULL OR timezone('UTC', s.created)::DATE <= $until::DATE)
-  AND ($model IS NULL OR s.model = $model)
-ORDER BY s.created NULLS LAST, call_id, s.stage_index, v.role
+  * EXCLUDE (provider, settings),
+  TRY_CAST(settings->>'$.conversational' AS BOOLEAN) AS conversational
+FROM stage_voice_rows
+WHERE provider = 'lmnt'
+  AND ($since IS NULL OR timezone('UTC', created)::DATE >= $since::DATE)
+  AND ($until IS NULL OR timezone('UTC', created)::DATE <= $until::DATE)
+  AND ($model IS NULL OR stage_model = $model)
+ORDER BY created NULLS LAST, call_id, stage_index, role

@@ -8,29 +8,21 @@
 -- Columns: seed, top_k (INTEGER), temperature, top_p, min_p, presence_penalty,
 --   repetition_penalty, frequency_penalty (DOUBLE).
 -- Parameters: --since/--until (UTC created date, inclusive), --model (stage model).
--- Use as a view: CREATE VIEW voices_respeecher AS <this query without the $since/$until/$model conditions>.
+-- Use as a view: CREATE VIEW voices_respeecher AS <this query without the $since/$until/$model conditions>,
+--   after the view stage_voice_rows (STAGE_VOICE_ROWS_SQL in pipeline/reports.py).
 SELECT
-  v.call_id::VARCHAR AS call_id,
-  v.call_stage_id::VARCHAR AS call_stage_id,
-  s.stage_index,
-  s.created,
-  s.model AS stage_model,
-  v.role,
-  v.voice_id,
-  v.model AS tts_model,
-  v.speed,
-  TRY_CAST(v.settings->>'$.seed' AS INTEGER) AS seed,
-  TRY_CAST(v.settings->>'$.temperature' AS DOUBLE) AS temperature,
-  TRY_CAST(v.settings->>'$.topK' AS INTEGER) AS top_k,
-  TRY_CAST(v.settings->>'$.topP' AS DOUBLE) AS top_p,
-  TRY_CAST(v.settings->>'$.minP' AS DOUBLE) AS min_p,
-  TRY_CAST(v.settings->>'$.presencePenalty' AS DOUBLE) AS presence_penalty,
-  TRY_CAST(v.settings->>'$.repetitionPenalty' AS DOUBLE) AS repetition_penalty,
-  TRY_CAST(v.settings->>'$.frequencyPenalty' AS DOUBLE) AS frequency_penalty
-FROM stage_voices v
-JOIN call_stages s ON s.call_stage_id = v.call_stage_id
-WHERE v.provider = 'respeecher'
-  AND ($since IS NULL OR timezone('UTC', s.created)::DATE >= $since::DATE)
-  AND ($until IS NULL OR timezone('UTC', s.created)::DATE <= $until::DATE)
-  AND ($model IS NULL OR s.model = $model)
-ORDER BY s.created NULLS LAST, call_id, s.stage_index, v.role
+  * EXCLUDE (provider, settings),
+  TRY_CAST(settings->>'$.seed' AS INTEGER) AS seed,
+  TRY_CAST(settings->>'$.temperature' AS DOUBLE) AS temperature,
+  TRY_CAST(settings->>'$.topK' AS INTEGER) AS top_k,
+  TRY_CAST(settings->>'$.topP' AS DOUBLE) AS top_p,
+  TRY_CAST(settings->>'$.minP' AS DOUBLE) AS min_p,
+  TRY_CAST(settings->>'$.presencePenalty' AS DOUBLE) AS presence_penalty,
+  TRY_CAST(settings->>'$.repetitionPenalty' AS DOUBLE) AS repetition_penalty,
+  TRY_CAST(settings->>'$.frequencyPenalty' AS DOUBLE) AS frequency_penalty
+FROM stage_voice_rows
+WHERE provider = 'respeecher'
+  AND ($since IS NULL OR timezone('UTC', created)::DATE >= $since::DATE)
+  AND ($until IS NULL OR timezone('UTC', created)::DATE <= $until::DATE)
+  AND ($model IS NULL OR stage_model = $model)
+ORDER BY created NULLS LAST, call_id, stage_index, role

@@ -228,19 +228,8 @@ def duck(tmp_path_factory: pytest.TempPathFactory, calls: Any) -> Path:
     return path
 
 
-def parquet_unavailable() -> str | None:
-    try:
-        from pipeline.load.parquet import ParquetWarehouse, connect_views  # noqa: F401
-    except ImportError as exc:
-        return f"pipeline.load.parquet is not available yet ({exc})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory: pytest.TempPathFactory, calls: Any) -> Path:
-    reason = parquet_unavailable()
-    if reason:
-        pytest.skip(reason)
     path = tmp_path_factory.mktemp("reports") / "stages_parquet"
     build_warehouse("parquet", path, calls)
     return path
@@ -861,7 +850,7 @@ def test_every_report_runs_unchanged_on_the_contract_parquet_layout(
     duck: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same answers on string-typed UUID/JSON columns read with read_parquet (a stand-in
-    for pipeline.load.parquet.connect_views, which the test above uses when present)."""
+    for pipeline.load.parquet.connect_views, which the test above uses)."""
     import pipeline.load
 
     out = tmp_path / "parquet"

@@ -175,7 +175,7 @@ def open_warehouse(
 
 
 def query_connection(fmt: str, path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only DuckDB connection exposing the five tables by name (reports, status)."""
+    """A read-only DuckDB connection exposing the tables by name (reports, status)."""
     if fmt == "duckdb":
         from pipeline.load.duckdb import connect_read_only
 
