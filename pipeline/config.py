@@ -15,8 +15,8 @@ from typing import Any
 
 from pipeline.errors import ConfigError, UsageError
 
-FORMATS = ("duckdb", "parquet")
-DEFAULT_OUTPUTS = {"duckdb": "ultravox_stages.duckdb", "parquet": "ultravox_stages_parquet"}
+FORMATS = ("duckdb", "parquet", "delta")
+DEFAULT_OUTPUTS = {"duckdb": "ultravox_stages.duckdb", "parquet": "ultravox_stages_parquet", "delta": "ultravox_stages_delta"}
 _SECRET_KEYS = {"api_key", "apikey", "key", "x_api_key", "token", "secret"}
 
 
@@ -36,6 +36,8 @@ class Settings:
     allow_insecure_http: bool = False
     #: Seconds for connect/read/write/pool of one HTTP request.
     timeout_seconds: float = 30.0
+    #: Total seconds one HTTP request may take (connect + headers + whole body).
+    request_deadline_seconds: float = 120.0
     #: Attempts per HTTP request (first try included) before the call is failed.
     max_attempts: int = 6
     #: Retries allowed per call over all its pages before it is recorded failed.
@@ -51,8 +53,14 @@ class Settings:
     max_pages: int = 1000
     #: A response body larger than this fails the call (protects memory).
     max_response_bytes: int = 64 * 1024 * 1024
+    #: All page bodies of one call together larger than this fail the call (protects memory).
+    max_call_bytes: int = 256 * 1024 * 1024
     #: Stages gathered before one transform + commit.
     batch_stages: int = 2000
+    #: Page bytes gathered before one transform + commit (whichever of the two comes first).
+    batch_bytes: int = 32 * 1024 * 1024
+    #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).
+    outage_calls: int = 10
     #: `run --incremental`: list calls from the stored watermark minus the overlap window.
     incremental: bool = False
     #: Hours before the watermark that an incremental run lists (and re-fetches) again.
@@ -64,7 +72,12 @@ class Settings:
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output or DEFAULT_OUTPUTS[self.format])
+        return Path(self.output_location)
+
+    @property
+    def output_location(self) -> str:
+        """The output as given: a path, or an object-store URI (``s3://…``) for Delta."""
+        return self.output or DEFAULT_OUTPUTS[self.format]
 
     def public_options(self) -> dict[str, Any]:
         """What etl_runs.options records: every setting (no secret lives here)."""
@@ -79,6 +92,7 @@ _OPTIONAL = {f.name for f in fields(Settings) if "None" in str(f.type)}
 _POSITIVE = {
     "concurrency", "page_size", "timeout_seconds", "max_attempts", "max_rps",
     "max_pages", "max_response_bytes", "batch_stages", "backoff_max_seconds",
+    "request_deadline_seconds", "max_call_bytes", "batch_bytes", "outage_calls",
 }
 _NON_NEGATIVE = {"overlap_hours", "call_retry_budget", "backoff_initial_seconds", "retry_after_max_seconds", "retry_after_min_seconds"}
 _CHOICES = {"format": FORMATS, "log_format": ("text", "json")}

@@ -5,6 +5,7 @@ Every error a user can see is a subclass of :class:`StagesError`; the CLI prints
 only with ``--debug``.
 
     StagesError                 exit 1  generic failure
+    ├── WarehouseError          exit 4  the warehouse or the tool itself failed (disk full, …)
     ├── UsageError              exit 2  bad flags, config, calls file, output path
     │   ├── ConfigError                 config file problems (names the key)
     │   ├── InputError                  calls file / call IDs problems (file:line)
@@ -19,8 +20,9 @@ only with ``--debug``.
         ├── OriginError                 `next` points at another origin (key not sent)
         └── ResponseTooLargeError       a body above the response size cap
 
-Messages never contain the API key: they are built from URLs without credentials,
-status codes and short reasons only.
+Messages never contain the API key: every message is passed through :func:`scrub`,
+which removes each secret registered with :func:`register_secret` (the API key, as
+soon as it is read), also from text a server sent back.
 """
 
 from __future__ import annotations
@@ -29,12 +31,53 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
+EXIT_WAREHOUSE = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+REDACTED = "<redacted>"
+_secrets: set[str] = set()
+
+
+def register_secret(secret: str) -> None:
+    """Remember a secret (the API key) so that :func:`scrub` removes it from any text."""
+    if secret and len(secret) >= 4:
+        _secrets.add(secret)
+
+
+def scrub(text: str) -> str:
+    """``text`` without any registered secret (also URL- or JSON-escaped forms)."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+        for variant in _variants(secret):
+            if variant in text:
+                text = text.replace(variant, REDACTED)
+    return text
+
+
+def _variants(secret: str) -> tuple[str, ...]:
+    import json
+    import urllib.parse
+
+    return tuple(
+        {urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret), json.dumps(secret)[1:-1]} - {secret}
+    )
 
 
 class StagesError(Exception):
     """Base class: a one-line, user-facing message and an exit code."""
 
     exit_code: int = EXIT_PARTIAL
+
+    def __str__(self) -> str:
+        return scrub(" ".join(super().__str__().split()))
+
+
+class WarehouseError(StagesError):
+    """The warehouse (or the tool itself) failed; the message names the real cause."""
+
+    exit_code = EXIT_WAREHOUSE
 
 
 class UsageError(StagesError):

@@ -40,6 +40,8 @@ class CallFetch:
     fetched_at: datetime = field(default_factory=utcnow)
     #: ``total`` reported by the API when it differs from the rows received.
     total_mismatch: tuple[int, int] | None = None
+    #: Bytes of page bodies received (as sent on the wire, decoded): batches are sized by it.
+    nbytes: int = 0
 
     def stages(self) -> list[Any]:
         return [stage for page in self.pages for stage in page["results"]]

@@ -171,6 +171,10 @@ def open_warehouse(
         from pipeline.load.parquet import ParquetWarehouse
 
         return ParquetWarehouse(path, wait_for_lock, write_behind)
+    if fmt == "delta":
+        from pipeline.load.delta import DeltaWarehouse
+
+        return DeltaWarehouse(path, wait_for_lock, write_behind)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -180,6 +184,10 @@ def query_connection(fmt: str, path: Path) -> duckdb.DuckDBPyConnection:
         from pipeline.load.duckdb import connect_read_only
 
         return connect_read_only(path)
+    if fmt == "delta":
+        from pipeline.load.delta import connect_views as connect_delta_views
+
+        return connect_delta_views(path)
     from pipeline.load.parquet import connect_views
 
     return connect_views(path)
