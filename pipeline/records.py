@@ -15,6 +15,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def rfc3339(value: datetime) -> str:
+    """The one timestamp style of every JSON output: ``2026-12-01T20:18:46.123456Z``."""
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def new_run_id(now: datetime | None = None) -> str:
     """Sortable and readable: ``20261125T065600Z-3f9a1c``."""
     now = now or utcnow()

@@ -148,3 +148,8 @@ def redact_page(page: Any) -> Any:
     if all(a is b for a, b in zip(clean, results)):
         return page
     return {**page, "results": clean}
+
+
+def redact_call(call: Any) -> Any:
+    """A call listed by ``GET /api/calls`` with voice secrets redacted."""
+    return redact_stage(call)
