@@ -217,6 +217,18 @@ def replay_throughput(label: str, fmt: str, landing: Path, tmp: Path) -> tuple[i
     return int(stages), float(seconds), int(rss_mb)
 
 
+def dlt_throughput(landing: Path, tmp: Path, label: str) -> tuple[int, float, int] | None:
+    """dlt loading the same landing zone into DuckDB (bench/dlt_baseline.py); None without dlt."""
+    import importlib.util
+
+    if importlib.util.find_spec("dlt") is None:
+        return None
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dlt_baseline.py"), str(landing), str(tmp / f"dlt-{label}")],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    stages, seconds, rss_mb = proc.stdout.split()
+    return int(stages), float(seconds), int(rss_mb)
+
+
 def floors(landing: Path, tmp: Path, n_stages: int) -> list[dict[str, object]]:
     """Side by side with the replay: the cost of only gunzip + json.loads of the landing
     zone, and of only storing the already transformed Arrow tables (DuckDB file with
@@ -243,33 +255,53 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss //
 """
 
 
-def export_memory(calls: int, tmp: Path) -> tuple[int, int]:
+def export_memory(calls: int, tmp: Path, fmt: str = "duckdb", big_prompts: bool = False) -> tuple[int, int]:
     """Peak RSS of the real CLI (`python -m pipeline run`) exporting ``calls`` calls from
-    the sandbox (no latency) into DuckDB; returns (stages loaded, MB)."""
+    the sandbox (no latency) into ``fmt``; returns (stages loaded, MB). ``big_prompts``:
+    a quarter of the stages carry ~100 KB prompts and about 1% of calls ~1 MB ones."""
+    from pipeline.load import query_connection
     from pipeline.sandbox import write_call_ids
 
-    data = SyntheticData(n_calls=calls, seed=9)
+    data = SyntheticData(n_calls=calls, seed=9, big_prompts=big_prompts)
     ids = tmp / f"calls-{calls}.txt"
     write_call_ids(data, ids)
-    out = tmp / f"export-{calls}.duckdb"
+    out = tmp / f"export-{calls}-{fmt}-{'big' if big_prompts else 'plain'}{'.duckdb' if fmt == 'duckdb' else ''}"
     with Sandbox(data, SandboxOptions(api_key=KEY)) as box:
         command = [sys.executable, "-m", "pipeline", "run", "--calls-file", str(ids), "--base-url", box.base_url,
-                   "--output", str(out), "--no-progress"]
+                   "--format", fmt, "--output", str(out), "--no-progress"]
         proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], capture_output=True, text=True,
                               cwd=ROOT, env={**os.environ, "ULTRAVOX_API_KEY": KEY}, check=True)
     code, rss_mb = (int(x) for x in proc.stdout.split())
     if code != 0:
-        raise RuntimeError(f"export of {calls} calls exited {code}")
-    import duckdb
-
-    with duckdb.connect(str(out), read_only=True) as con:
+        raise RuntimeError(f"export of {calls} calls into {fmt} exited {code}")
+    con = query_connection(fmt, out)
+    try:
         stages = con.execute("SELECT count(*) FROM call_stages").fetchall()[0][0]
+    finally:
+        con.close()
     return stages, rss_mb
+
+
+def big_prompt_exports(calls: int, tmp: Path) -> list[dict[str, object]]:
+    """Peak RSS of a realistic export with big prompts, both formats (bounded by bytes)."""
+    rows: list[dict[str, object]] = []
+    for fmt in ("duckdb", "parquet"):
+        stages, rss = export_memory(calls, tmp, fmt, big_prompts=True)
+        rows.append({
+            "what": f"export {calls:,} calls ({stages:,} stages, 1/4 with 100 KB prompts, 1% 1 MB) → {fmt}, CLI peak RSS",
+            "figure": f"{rss} MB",
+            "target": "≤ 400 MB",
+            "ok": rss <= 400,
+            "stages": stages,
+            "rss_mb": rss,
+        })
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     small = args.smoke
     rows: list[dict[str, object]] = []
@@ -290,14 +322,33 @@ def main() -> None:
         for n_stages in sizes:
             landing = tmp / f"landing-{n_stages}"
             write_landing_zone(landing, n_stages)
+            dlt = dlt_throughput(landing, tmp, str(n_stages))
+            if dlt is not None:
+                rows.append({
+                    "what": f"dlt {dlt[0]:,} stages → duckdb (parquet loader, append)",
+                    "figure": f"{dlt[0] / dlt[1]:,.0f} stages/s ({dlt[1]:.2f}s), peak RSS {dlt[2]} MB",
+                    "target": "(for scale)", "ok": None, "stages": dlt[0], "expected_stages": n_stages, "rss_mb": dlt[2],
+                })
             for fmt in ("duckdb", "parquet"):
                 stages, seconds, rss = replay_throughput(str(n_stages), fmt, landing, tmp)
                 peaks.setdefault(fmt, []).append(rss)
+                if dlt is not None:
+                    ratio = (stages / seconds) / (dlt[0] / dlt[1])
+                    rows.append({
+                        "what": f"replay {stages:,} stages → {fmt} vs dlt, same landing zone",
+                        "figure": f"{ratio:.1f}× dlt's stages/s",
+                        "target": "≥ 5× dlt",
+                        "ok": ratio >= 5,
+                    })
                 rows.append({
                     "what": f"replay {stages:,} stages → {fmt}",
                     "figure": f"{stages / seconds:,.0f} stages/s ({seconds:.2f}s), peak RSS {rss} MB",
                     "target": "≥ 75,000 stages/s, ≤ 300 MB",
                     "ok": stages / seconds >= 75_000 and rss <= 300,
+                    "stages": stages,
+                    "expected_stages": n_stages,
+                    "rss_mb": rss,
+                    "seconds": seconds,
                 })
         rows.extend(floors(landing, tmp, sizes[-1]))
         export_sizes = [100, 1_000] if small else [1_000, 10_000]
@@ -309,7 +360,10 @@ def main() -> None:
                 "figure": f"{rss} MB",
                 "target": "≤ 300 MB",
                 "ok": rss <= 300,
+                "stages": stages,
+                "rss_mb": rss,
             })
+        rows.extend(big_prompt_exports(60 if small else 1_500, tmp))
         labels = {"duckdb": "replay → duckdb", "parquet": "replay → parquet", "export": "export"}
         sized = {"duckdb": sizes, "parquet": sizes, "export": export_sizes}
         for fmt, (low, high) in peaks.items():
@@ -320,6 +374,8 @@ def main() -> None:
                 "ok": high <= 1.2 * low,
             })
 
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
     width = max(len(str(r["what"])) for r in rows)
     print(f"\n{'benchmark'.ljust(width)}  {'figure':<60}  {'target':<28}  met")
     for r in rows:

@@ -6,13 +6,14 @@
 Stages are generated in memory, seeded, and look like the live API's: system prompts
 of 0.5–4 KB in lines (quotes, some non-ASCII), 0–5 inactivity messages with the usual
 durations, one external voice (every provider, a generic one with a bearer header now
-and then) and sometimes voice overrides; ~3.2 KB of JSON a stage, like the data in
-PERFORMANCE.md. Calls have 1–5 stages.
+and then) and sometimes voice overrides; ~3.2 KB of JSON a stage. Calls have 1–5 stages.
 
-Each run transforms fresh objects decoded with ``json.loads`` (as the extractor hands
-them over: no warm caches) in batches of 10,000 stages (the runner's default). Prints
-stages/s of the best run, and for scale how fast ``json.loads`` alone decodes the same
-stages on this machine (PERFORMANCE.md: 1.1 s for 100,000 stages on the reference).
+Each run transforms fresh stages in batches of 10,000 stages. ``--form objects``:
+objects decoded with ``json.loads``, as the extractor hands them over (no warm
+caches). ``--form bytes``: each page decoded by ``api_schema.decode_page`` into its
+stages' bytes, as ``replay`` hands them over (that decode is timed too). Prints
+stages/s of the best run and, for scale, how fast ``json.loads`` alone decodes the
+same stages on this machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.api_schema import decode_page  # noqa: E402
 from pipeline.transform import transform_calls  # noqa: E402
 
 _WORDS = (
@@ -143,23 +145,26 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch", type=int, default=10_000, help="stages per transform_calls call (runner default)")
+    parser.add_argument("--form", choices=("objects", "bytes"), default="objects")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     calls = make_calls(args.stages)
     # As JSON text, decoded afresh for every run: no str UTF-8 caches etc. left warm.
-    texts = [json.dumps(stages, ensure_ascii=False) for _, stages in calls]
+    texts = [json.dumps({"results": stages}, ensure_ascii=False, separators=(",", ":")).encode() for _, stages in calls]
     call_ids = [call_id for call_id, _ in calls]
-    stage_bytes = sum(len(t.encode()) for t in texts) / args.stages
+    stage_bytes = sum(len(t) for t in texts) / args.stages
     now = datetime.now(timezone.utc)
     best = best_cpu = best_loads = float("inf")
     rows = (0, 0, 0)
     for _ in range(args.repeat):
         started = time.perf_counter()
-        decoded = [json.loads(text) for text in texts]
+        decoded = [json.loads(text)["results"] for text in texts]
         best_loads = min(best_loads, time.perf_counter() - started)
-        batches = _batches(list(zip(call_ids, decoded)), args.batch)
         started, started_cpu = time.perf_counter(), time.process_time()
+        if args.form == "bytes":
+            decoded = [decode_page(text)[1] for text in texts]
+        batches = _batches(list(zip(call_ids, decoded)), args.batch)
         for batch in batches:
             result = transform_calls(batch, "bench-run", now)
             assert not result.failures, result.failures
@@ -167,13 +172,17 @@ def main() -> None:
         best_cpu = min(best_cpu, time.process_time() - started_cpu)
         t = result.tables
         rows = (t["call_stages"].num_rows, t["stage_inactivity_messages"].num_rows, t["stage_voices"].num_rows)
-    print(f"{args.stages} stages in {len(calls)} calls, batches of {args.batch}: best {best:.3f} s "
+    print(f"{args.form}: {args.stages} stages in {len(calls)} calls, batches of {args.batch}: best {best:.3f} s "
           f"= {args.stages / best:,.0f} stages/s (CPU {best_cpu:.3f} s, all threads; "
           f"last batch rows: stages/messages/voices = {rows}; load average {os.getloadavg()[0]:.1f})")
     print(f"for scale: json.loads alone of the same stages ({stage_bytes:,.0f} B of JSON each): "
           f"{args.stages / best_loads:,.0f} stages/s")
     if args.profile:
-        batches = _batches(list(zip(call_ids, [json.loads(text) for text in texts])), args.batch)
+        if args.form == "bytes":
+            stages = [decode_page(text)[1] for text in texts]
+        else:
+            stages = [json.loads(text)["results"] for text in texts]
+        batches = _batches(list(zip(call_ids, stages)), args.batch)
         profiler = cProfile.Profile()
         profiler.enable()
         for batch in batches:

@@ -7,8 +7,12 @@ The API key is never a setting: it is read from the environment variable named b
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ class Settings:
     retry_after_max_seconds: float = 120.0
     retry_after_min_seconds: float = 0.05
     #: Client-side request rate cap (token bucket); Ultravox allows 200/s per key.
-    max_rps: float = 150.0
+    max_rps: float = 195.0
     #: A call with more pages than this fails (protects against endless paging).
     max_pages: int = 1000
     #: A response body larger than this fails the call (protects memory).
@@ -58,7 +62,7 @@ class Settings:
     #: Stages gathered before one transform + commit.
     batch_stages: int = 2000
     #: Page bytes gathered before one transform + commit (whichever of the two comes first).
-    batch_bytes: int = 32 * 1024 * 1024
+    batch_bytes: int = 4 * 1024 * 1024
     #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).
     outage_calls: int = 10
     #: `run --incremental`: list calls from the stored watermark minus the overlap window.
@@ -68,7 +72,7 @@ class Settings:
     #: Keep the stages of calls the API reports deleted (flagged in calls.deleted_at).
     keep_deleted: bool = False
     #: DuckDB buffer-pool cap while writing (its default is 80% of RAM).
-    duckdb_memory_limit: str = "96MB"
+    duckdb_memory_limit: str = "256MB"
 
     @property
     def output_path(self) -> Path:
@@ -80,8 +84,8 @@ class Settings:
         return self.output or DEFAULT_OUTPUTS[self.format]
 
     def public_options(self) -> dict[str, Any]:
-        """What etl_runs.options records: every setting (no secret lives here)."""
-        return dataclasses.asdict(self)
+        """What etl_runs.options records: every setting, URLs without userinfo (no secret)."""
+        return {name: _without_userinfo(value) for name, value in dataclasses.asdict(self).items()}
 
 
 _FIELD_TYPES: dict[str, type] = {
@@ -96,6 +100,44 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"overlap_hours", "call_retry_budget", "backoff_initial_seconds", "retry_after_max_seconds", "retry_after_min_seconds"}
 _CHOICES = {"format": FORMATS, "log_format": ("text", "json")}
+#: What a value of another type is called in the message (TOML's own names).
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a float", bool: "a boolean", dict: "a table", list: "an array"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A choice echoed back in a message must look like one (never a pasted secret).
+_ECHOABLE = re.compile(r"[a-z]{1,16}")
+_SETTING_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+#: DuckDB's memory units (KB = 1000 bytes, KiB = 1024 bytes).
+_MEMORY_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_MEMORY_LIMIT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
+#: A floor that keeps a slip of the unit ("256KB" for "256MB") from starving DuckDB.
+_MIN_MEMORY_BYTES = 16 * 10**6
+_MEMORY_SHAPE = 'digits and a unit, e.g. "256MB", "1GiB" or "512 MB" (units: KB MB GB TB KiB MiB GiB TiB), at least 16MB'
+_TOML_LOCATION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
+#: Key names and long quoted text tomllib puts in its messages (they may be a pasted secret).
+_TOML_QUOTED = re.compile(r"\(.*\)|'[^']{4,}'|\"[^\"]{4,}\"")
+
+
+def _type_name(value: Any) -> str:
+    return next((name for t, name in _TYPE_NAMES.items() if type(value) is t), f"a {type(value).__name__} value")
+
+
+def _toml_error(text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's reason with its line and column (computed from the end when it gives none)."""
+    message = getattr(exc, "msg", None) or str(exc)
+    line, column = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    found = _TOML_LOCATION.search(message)
+    if found:
+        message = message[: found.start()]
+        if line is None and found.group(1):
+            line, column = int(found.group(1)), int(found.group(2))
+    if line is None:  # "at end of document": the end is where the problem shows
+        lines = text.split("\n")
+        line, column = len(lines), len(lines[-1]) + 1
+    reason = _TOML_QUOTED.sub("<key>", message)[:100].strip() or "syntax error"
+    return f"{reason} at line {line}, column {column}"
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -104,11 +146,12 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; save it as UTF-8 TOML") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's message already ends with "(at line L, column C)".
-        raise ConfigError(f"invalid TOML in {p}: {exc}") from None
+        raise ConfigError(f"invalid TOML in {p}: {_toml_error(text, exc)}") from None
     for key in data:
         if key.lower().replace("-", "_") in _SECRET_KEYS:
             raise ConfigError(
@@ -119,27 +162,80 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _check(key: str, value: Any, origin: str) -> Any:
-    if key not in _FIELD_TYPES:
-        known = ", ".join(sorted(_FIELD_TYPES))
-        raise ConfigError(f"{origin}: unknown setting '{key}' (known settings: {known})")
-    if value is None and key in _OPTIONAL:
+def memory_limit_bytes(text: str) -> int | None:
+    """Bytes of a DuckDB memory limit such as "256MB" or "1 GiB"; None when not that shape."""
+    match = _MEMORY_LIMIT.fullmatch(text)
+    if match is None or match.group(2).lower() not in _MEMORY_UNITS:
         return None
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()])
+
+
+def _unknown(key: str, origin: str) -> ConfigError:
+    known = ", ".join(sorted(_FIELD_TYPES))
+    if not _SETTING_NAME.fullmatch(key):
+        return ConfigError(f"{origin}: unknown setting (name not shown: it is not a setting name) (known settings: {known})")
+    close = difflib.get_close_matches(key.replace("-", "_"), list(_FIELD_TYPES), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{origin}: unknown setting '{key}'{hint} (known settings: {known})")
+
+
+def _check_type(key: str, value: Any, origin: str) -> Any:
     expected = _FIELD_TYPES[key]
     ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise ConfigError(
-            f"{origin}: setting '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
-        )
-    if key in _POSITIVE and value <= 0:
-        raise ConfigError(f"{origin}: setting '{key}' must be greater than 0, got {value}")
-    if key in _NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{origin}: setting '{key}' must not be negative, got {value}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{origin}: setting '{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        raise ConfigError(f"{origin}: setting '{key}' must be {expected.__name__}, got {_type_name(value)}")
     return value
+
+
+def _check_number(key: str, value: float, origin: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{origin}: setting '{key}' must be a finite number, got NaN or infinity")
+    if key in _POSITIVE and value <= 0:
+        raise ConfigError(f"{origin}: setting '{key}' must be greater than 0")
+    if key in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{origin}: setting '{key}' must not be negative")
+
+
+def _check_text(key: str, value: str, origin: str) -> None:
+    if key in _CHOICES and value not in _CHOICES[key]:
+        shown = f"got {value!r}" if _ECHOABLE.fullmatch(value) else "got another string"
+        raise ConfigError(f"{origin}: setting '{key}' must be one of {', '.join(_CHOICES[key])}, {shown}")
+    if key == "api_key_env" and not _ENV_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{origin}: setting 'api_key_env' must be the NAME of an environment variable "
+            "(letters, digits and _, not starting with a digit), not the key itself; "
+            "put the key in that variable"
+        )
+    if key == "duckdb_memory_limit":
+        size = memory_limit_bytes(value)
+        if size is None or size < _MIN_MEMORY_BYTES:
+            raise ConfigError(f"{origin}: setting 'duckdb_memory_limit' must be {_MEMORY_SHAPE}")
+
+
+def _check(key: str, value: Any, origin: str) -> Any:
+    """The value, validated; messages name the setting and the shape, never the value."""
+    if key not in _FIELD_TYPES:
+        raise _unknown(key, origin)
+    if value is None and key in _OPTIONAL:
+        return None
+    value = _check_type(key, value, origin)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_number(key, value, origin)
+    if isinstance(value, str):
+        _check_text(key, value, origin)
+    return value
+
+
+def _without_userinfo(value: Any) -> Any:
+    """A URL-looking string without ``user:password@``; anything else unchanged."""
+    if not isinstance(value, str) or "://" not in value or "@" not in value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def load_settings(config_file: str | None, cli: dict[str, Any]) -> Settings:

@@ -1,70 +1,85 @@
 """HTTP: the client, the origin guard for the API key, and the one retry policy.
 
 * :func:`classify` is the only place that decides what an answer means (ok, 404,
-  auth failure, transient, fatal) and :func:`is_transient` the only place that
-  decides what is retried.
-* :class:`ApiSession` sends every request and adds ``X-API-Key`` only to requests
-  whose origin (scheme, host, port) is the configured base URL's, so a ``next``
-  link to another host can never carry the key (redirects are never followed).
+  auth failure, transient, fatal); :data:`RETRYABLE` declares what is retried (read
+  only by :func:`is_transient`) and :func:`is_outage` what counts towards "the API
+  stopped answering".
+* :func:`api_client` is the one ``httpx.AsyncClient``; its :class:`OriginKeyAuth` adds
+  ``X-API-Key`` only to requests whose origin (scheme, host, port) is the configured
+  base URL's, so a ``next`` link to another host can never carry the key (redirects
+  are never followed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import functools
-import importlib.util
+import hashlib
 import ipaddress
-import json
 import random
+import re
 import ssl
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 import tenacity
 
-from pipeline import __version__
+from pipeline import __version__, jsonio
 from pipeline.config import Settings
 from pipeline.errors import (
     AuthError,
     CallError,
     InsecureURLError,
     ResponseTooLargeError,
+    StagesError,
     TransientError,
     UsageError,
+    register_secret,
+    scrub,
 )
 
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+class InvalidJSONError(TransientError):
+    """A 200 whose body is not JSON; ``digest`` tells the same body failing again."""
+
+    def __init__(self, message: str, digest: str):
+        super().__init__(message)
+        self.digest = digest
+
+
+class DeadlineExceeded(TransientError):
+    """The whole request (connect, headers, body) took longer than request_deadline_seconds."""
+
+
+@dataclass(frozen=True)
+class RetryableSet:
+    """What is worth retrying: answers with these statuses, and these exceptions
+    (``unless`` lists subclasses of them that a retry cannot fix)."""
+
+    statuses: frozenset[int]
+    exceptions: tuple[type[BaseException], ...]
+    unless: tuple[type[BaseException], ...]
+
+
+RETRYABLE = RetryableSet(
+    statuses=frozenset({429, 500, 502, 503, 504}),
+    # TransientError: 429/5xx, invalid JSON, deadline; DecodingError: a body that does not
+    # match its Content-Encoding (a broken proxy or a cut stream).
+    exceptions=(TransientError, httpx.TransportError, httpx.DecodingError),
+    # Raised by httpcore for what *we* would send (bad URL or header): the same every time.
+    unless=(httpx.LocalProtocolError, httpx.UnsupportedProtocol),
+)
 USER_AGENT = f"ultravox-stages/{__version__}"
 
 
-def _remember_missing_sniffio() -> None:
-    """httpcore runs ``import sniffio`` on every lock and semaphore it sets up, several
-    times per request; anyio >= 4.11 no longer installs sniffio, and Python does not
-    cache a failed import, so each of those rescans sys.path (~0.2 ms): over half of our
-    CPU per request on a fast API (encode/httpcore#1103). A ``None`` in sys.modules is
-    Python's own "known missing" marker: the import then fails at once, as before."""
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
+Origin = tuple[str, str, int | None]
 
 
-_remember_missing_sniffio()
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context for every connection pool: building one loads the CA bundle
-    (~30 ms of CPU), and extract runs a pool per request in flight. Same trust as
-    httpx's default (certifi; SSL_CERT_FILE is not read: the environment is not
-    trusted, as before)."""
-    return httpx.create_ssl_context(trust_env=False)
-
-
-def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+def origin(url: httpx.URL) -> Origin:
     port = url.port or {"http": 80, "https": 443}.get(url.scheme)
     return (url.scheme, url.host, port)
 
@@ -75,11 +90,21 @@ def safe_url(url: httpx.URL | str) -> str:
     return str(u.copy_with(username=None, password=None)) if u.userinfo else str(u)
 
 
+_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+
+
 def check_base_url(base_url: str, allow_insecure_http: bool) -> httpx.URL:
+    shown = _USERINFO.sub("", base_url)  # never echo a password, even of an invalid URL
+    if shown != base_url:
+        raise UsageError(
+            f"--base-url {shown!r} must not contain user:password@; the API key is read from "
+            "the environment (ULTRAVOX_API_KEY), never from the URL"
+        )
     try:
         url = httpx.URL(base_url)
-    except httpx.InvalidURL as exc:
-        raise UsageError(f"invalid --base-url {base_url!r}: {exc}") from None
+        url.host  # noqa: B018 - decodes IDNA, which may fail
+    except (httpx.InvalidURL, ValueError):
+        raise UsageError(f"invalid --base-url {base_url!r}: expected http(s)://host[:port]") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise UsageError(f"invalid --base-url {base_url!r}: expected http(s)://host[:port]")
     if url.scheme == "http" and not _is_loopback(url.host) and not allow_insecure_http:
@@ -88,6 +113,21 @@ def check_base_url(base_url: str, allow_insecure_http: bool) -> httpx.URL:
             "use https or pass --allow-insecure-http"
         )
     return url
+
+
+def check_api_key(key: str, env: str = "ULTRAVOX_API_KEY") -> None:
+    """Refuse a key that cannot travel as an HTTP header value (no key text in the message)."""
+    for position, char in enumerate(key, start=1):
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            raise UsageError(
+                f"the API key in {env} contains a control character (line break, tab …) at position "
+                f"{position}; it cannot be sent as an HTTP header: set {env} again without it"
+            )
+        if ord(char) > 0x7E:
+            raise UsageError(
+                f"the API key in {env} contains a non-ASCII character at position {position}; "
+                f"it cannot be sent as an HTTP header: copy the key again into {env}"
+            )
 
 
 def _is_loopback(host: str) -> bool:
@@ -99,93 +139,105 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def build_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
-    """One connection pool. No proxies from the environment (trust_env off, as the
-    API key must only ever go to the configured origin)."""
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30
-    )
-    return httpx.AsyncHTTPTransport(verify=_tls_context(), limits=limits, trust_env=False)
+class OriginKeyAuth(httpx.Auth):
+    """Adds ``X-API-Key`` only to requests for ``base_url``'s origin (scheme, host,
+    port): a ``next`` link to another host never carries the key."""
 
+    def __init__(self, api_key: str | None, base_url: httpx.URL):
+        self._key = api_key
+        self._origin = origin(base_url)
 
-class ApiSession:
-    """Every request to the API: a GET with our headers and timeout, and the API key —
-    sent only to the configured origin (scheme, host, port), so a ``next`` link to
-    another host can never carry it. Redirects are never followed (a 3xx is an answer
-    for :func:`classify`).
-
-    Requests go straight to httpx transports, not through ``httpx.AsyncClient``: its
-    layers (auth flow, cookie jar, redirect loop, request merging) cost about a third
-    of the CPU of a request, and nothing here uses them. ``pools`` connection pools
-    share ``settings.concurrency`` connections and are handed out idle first (with
-    one connection each, every request gets a pool of its own): one big pool spent
-    more CPU on its bookkeeping than on the requests (PERFORMANCE.md). ``transport``
-    replaces them all (tests pass an ``httpx.MockTransport``).
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        api_key: str | None,
-        pools: int = 1,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
-        self.base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
-        self._origin = origin(self.base_url)
-        headers = {
-            "User-Agent": USER_AGENT,
-            "Accept": "application/json",
-            "Accept-Encoding": "gzip, deflate",
-            "Connection": "keep-alive",
-        }
-        self._plain = httpx.Headers(headers)
-        self._keyed = httpx.Headers(headers | {"X-API-Key": api_key}) if api_key else self._plain
-        self._extensions = {"timeout": httpx.Timeout(settings.timeout_seconds).as_dict()}
-        if transport is not None:
-            self._transports: list[httpx.AsyncBaseTransport] = [transport]
-        else:
-            pools = max(1, min(pools, settings.concurrency))
-            self._transports = [build_transport(-(-settings.concurrency // pools)) for _ in range(pools)]
-        self._idle = list(self._transports)
-        self._turn = 0
-
-    def build_request(self, url: str) -> httpx.Request:
-        target = httpx.URL(url)
-        headers = self._keyed if origin(target) == self._origin else self._plain
-        return httpx.Request("GET", target, headers=headers, extensions=self._extensions)
-
-    @contextlib.asynccontextmanager
-    async def stream(self, url: str) -> AsyncIterator[httpx.Response]:
-        """GET ``url``; the response's body is read (or not) inside the block."""
-        request = self.build_request(url)
-        idle = bool(self._idle)
-        if idle:
-            transport = self._idle.pop()  # the most recently used: its connection is warm
-        else:  # more requests than pools: share them in turn
-            self._turn += 1
-            transport = self._transports[self._turn % len(self._transports)]
-        try:
-            response = await transport.handle_async_request(request)
-            try:
-                yield response
-            finally:
-                await response.aclose()
-        finally:
-            if idle:
-                self._idle.append(transport)
-
-    async def aclose(self) -> None:
-        for transport in self._transports:
-            await transport.aclose()
-
-    async def __aenter__(self) -> ApiSession:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._key and origin(request.url) == self._origin:
+            request.headers["X-API-Key"] = self._key
+        yield request
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or traceback
-        return f"ApiSession(origin={self._origin!r}, pools={len(self._transports)})"
+        return f"OriginKeyAuth(origin={self._origin!r})"
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every connection pool (building one loads the CA bundle);
+    certifi's trust, as httpx's default, SSL_CERT_FILE not read."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that hands its connection pool back once closed."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]):
+        self._stream, self._release = stream, release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            self._release()
+
+
+class SpreadTransport(httpx.AsyncBaseTransport):
+    """``size`` connection pools of one connection each, the idle ones first (the most
+    recently used: its connection is warm). httpcore's pool rescans every connection it
+    holds (a poll() on each idle one) on every request event, so one pool of
+    ``concurrency`` connections spends more CPU on that than on the requests
+    (bench/http_bench.py); single-connection pools never scan."""
+
+    def __init__(self, size: int):
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=30)
+        self._pools = [
+            httpx.AsyncHTTPTransport(verify=_tls_context(), limits=limits, trust_env=False) for _ in range(size)
+        ]
+        self._idle = list(self._pools)
+        self._turn = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._idle:
+            pool = self._idle.pop()
+            release: Callable[[], None] = functools.partial(self._idle.append, pool)
+        else:  # more requests than pools: share them in turn
+            self._turn += 1
+            pool, release = self._pools[self._turn % len(self._pools)], lambda: None
+        try:
+            response = await pool.handle_async_request(request)
+        except BaseException:
+            release()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        stream = _ReleasingStream(response.stream, release)
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=stream, extensions=response.extensions
+        )
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
+def api_client(
+    settings: Settings, api_key: str | None, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The one client for every request to the API: our headers and timeout, the key
+    for the base origin only, no redirects followed (a 3xx is an answer for
+    :func:`classify`) and nothing from the environment (no proxies: the key goes to
+    the configured origin only). Connections go through :class:`SpreadTransport`;
+    ``transport`` replaces it (tests pass an ``httpx.MockTransport``)."""
+    base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+    if api_key:
+        check_api_key(api_key, settings.api_key_env)
+        register_secret(api_key)  # from here on, no message can carry it
+    return httpx.AsyncClient(
+        auth=OriginKeyAuth(api_key, base_url),
+        headers={"User-Agent": USER_AGENT, "Accept": "application/json", "Accept-Encoding": "gzip, deflate"},
+        timeout=httpx.Timeout(settings.timeout_seconds),
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport if transport is not None else SpreadTransport(settings.concurrency),
+    )
 
 
 def parse_retry_after(value: str | None, settings: Settings, now: float | None = None) -> float | None:
@@ -210,18 +262,23 @@ def parse_retry_after(value: str | None, settings: Settings, now: float | None =
     return min(max(seconds, settings.retry_after_min_seconds), settings.retry_after_max_seconds)
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
 def _detail(body: bytes) -> str:
-    """A short reason from an error body: DRF's {"detail": ...} when present."""
+    """A short, one-line, scrubbed reason from an error body: DRF's {"detail": ...}."""
     try:
-        data = json.loads(body)
-        if isinstance(data, dict) and isinstance(data.get("detail"), str):
-            return data["detail"][:200]
-    except ValueError:
-        pass
+        data = jsonio.loads(body)
+    except jsonio.JSONError:
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return scrub(_UNPRINTABLE.sub(" ", scrub(data["detail"])).strip())[:200]
     return ""
 
 
-def classify(status: int, headers: httpx.Headers, body: bytes, url: str, settings: Settings) -> str:
+def classify(
+    status: int, headers: httpx.Headers, body: bytes, url: str, settings: Settings, key_sent: bool = True
+) -> str:
     """What an answer means: returns "ok" or "not_found", raises for everything else.
 
     401/403 → AuthError (the run stops); 429/5xx → TransientError with Retry-After;
@@ -234,29 +291,43 @@ def classify(status: int, headers: httpx.Headers, body: bytes, url: str, setting
     detail = _detail(body)
     suffix = f": {detail}" if detail else ""
     if status in (401, 403):
-        what = "missing" if status == 401 else "rejected"
-        raise AuthError(
-            f"API key {what} by {httpx.URL(url).host} (HTTP {status}{suffix}); "
-            "check the ULTRAVOX_API_KEY environment variable"
-        )
-    if status in TRANSIENT_STATUSES:
+        host = httpx.URL(url).host
+        env = settings.api_key_env
+        if key_sent:
+            raise AuthError(f"API key rejected by {host} (HTTP {status}{suffix}); check the {env} environment variable")
+        raise AuthError(f"no API key was sent to {host} (HTTP {status}{suffix}); set the {env} environment variable")
+    if status in RETRYABLE.statuses:
         retry_after = parse_retry_after(headers.get("Retry-After"), settings)
         raise TransientError(f"HTTP {status}{suffix}", retry_after=retry_after, status=status)
     raise CallError(f"HTTP {status} from {safe_url(url)}{suffix}")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """The one decision of what is retried: throttling, 5xx, network trouble, bad JSON."""
-    return isinstance(exc, (TransientError, httpx.TransportError))
+    """The one decision of what is retried (reads RETRYABLE)."""
+    return isinstance(exc, RETRYABLE.exceptions) and not isinstance(exc, RETRYABLE.unless)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure that says the API is not answering (not: this call is bad)."""
+    if isinstance(exc, TransientError):
+        return isinstance(exc, DeadlineExceeded) or (exc.status or 0) >= 500
+    return isinstance(exc, httpx.TransportError) and is_transient(exc)
 
 
 def describe(exc: BaseException) -> str:
-    """A short reason for etl_calls.error and logs (no secrets: no headers, no bodies)."""
+    """A short one-line reason for etl_calls.error and logs: no secrets, headers or bodies
+    (a StagesError's message is ours, scrubbed; anything else is named by its type)."""
     if isinstance(exc, httpx.TimeoutException):
         return f"timeout ({type(exc).__name__})"
     if isinstance(exc, httpx.TransportError):
         return f"connection error ({type(exc).__name__})"
-    return str(exc)[:300]
+    if isinstance(exc, httpx.DecodingError):
+        return "response body does not match its Content-Encoding (DecodingError)"
+    if isinstance(exc, httpx.InvalidURL):
+        return "invalid URL (InvalidURL)"
+    if isinstance(exc, StagesError):
+        return str(exc)[:300]
+    return f"unexpected {type(exc).__name__} while fetching"
 
 
 class WaitPolicy(tenacity.wait.wait_base):
@@ -277,26 +348,27 @@ class WaitPolicy(tenacity.wait.wait_base):
 
 async def read_body(response: httpx.Response, limit: int) -> bytes:
     """Read a streamed body, refusing more than ``limit`` bytes (memory guard)."""
+    too_large = f"response exceeds max_response_bytes (the {limit}-byte cap)"
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ResponseTooLargeError(f"response of {int(declared)} bytes exceeds the {limit}-byte cap")
+        raise ResponseTooLargeError(too_large)
     chunks: list[bytes] = []
     size = 0
-    # Not encoded (what servers send without gzip): the transport's stream itself,
-    # without httpx's decoder and re-chunking layers (a tenth of a request's CPU).
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    stream = response.stream if encoding == "identity" else response.aiter_bytes()
-    async for chunk in stream:  # type: ignore[union-attr]
+    async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > limit:
-            raise ResponseTooLargeError(f"response larger than the {limit}-byte cap")
+            raise ResponseTooLargeError(too_large)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def decode_json(body: bytes) -> Any:
+    """A page body as JSON. Invalid or truncated JSON on a 200 is transient (a cut
+    stream); nesting deeper than jsonio.MAX_DEPTH is not (the same body fails again)."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        # Invalid or truncated JSON on a 200 is treated as transient (see NOTES.md).
-        raise TransientError(f"invalid JSON in response ({len(body)} bytes): {exc.__class__.__name__}") from None
+        return jsonio.loads(body)
+    except jsonio.JSONTooDeep:
+        raise CallError(f"response JSON nested deeper than {jsonio.MAX_DEPTH} levels; not loaded") from None
+    except jsonio.JSONError as exc:
+        digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+        raise InvalidJSONError(f"invalid JSON in response ({len(body)} bytes): {exc}", digest) from None

@@ -1,13 +1,15 @@
-"""Keeping peak memory flat over long runs (README "Benchmarks": ≤ 300 MB).
+"""Keeping peak memory flat over long runs.
 
-Two allocator effects, measured on a 100,000-stage replay, made RSS sit 50-100 MB
-above the data actually alive between batches:
+Three allocator effects made RSS sit well above the data actually alive between batches:
 
 * pyarrow's default memory pool (mimalloc) keeps freed pages mapped for reuse. The
   batches are a few large buffers, for which the system allocator is just as fast,
   and glibc hands big freed blocks back to the kernel;
 * glibc keeps freed small blocks (the decoded JSON of a batch) in per-thread arenas;
-  ``malloc_trim`` after each batch returns them.
+  ``malloc_trim`` after each batch returns them;
+* glibc raises its mmap threshold after freeing a big block, so later 100 KB prompts land
+  in the heap and fragment it, and every worker thread gets an arena of its own:
+  :func:`use_system_allocator` fixes the threshold and caps the arenas.
 
 Both are best effort: other platforms and C libraries are left as they are.
 """
@@ -22,12 +24,25 @@ from collections.abc import Callable
 import pyarrow as pa
 
 
-def _malloc_trim() -> Callable[[], None]:
+#: glibc mallopt parameters (malloc.h): a fixed mmap threshold, at most two arenas.
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+MMAP_THRESHOLD_BYTES = 64 * 1024
+ARENA_MAX = 2
+
+
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return lambda: None
+        return None
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> Callable[[], None]:
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)  # not glibc (e.g. musl has no malloc_trim)
+    if trim is None:
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -43,7 +58,12 @@ release_free_memory: Callable[[], None] = _malloc_trim()
 
 
 def use_system_allocator() -> None:
-    """Arrow buffers from the system allocator instead of mimalloc/jemalloc."""
+    """Arrow buffers from the system allocator instead of mimalloc/jemalloc, and glibc
+    tuned for big short-lived strings (see the module docstring)."""
     pool = pa.system_memory_pool()
     if pa.default_memory_pool().backend_name != pool.backend_name:
         pa.set_memory_pool(pool)
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        mallopt(_M_ARENA_MAX, ARENA_MAX)

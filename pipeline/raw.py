@@ -1,17 +1,22 @@
-"""The raw landing zone (CONTRACT.md, "Raw landing zone"): write it, read it back.
+"""The raw landing zone: write it, read it back.
 
 Writing: one ``<run_id>.jsonl.gz`` per run under RAW_DIR. While the run goes on the
 file is ``.<run_id>.jsonl.gz.partial``; every batch is written, flushed and fsynced
 before it is transformed, so a transform bug never loses data. When the run ends the
-file is renamed into place. A ``.partial`` left by a killed run is renamed into place
-by the next writer (its last, unflushed lines may be cut: the reader reports that).
+file is renamed into place. A ``.partial`` left by a killed run is healed by the next
+writer: its complete lines become a clean ``<run_id>.jsonl.gz``, the cut tail is
+dropped and reported. Pages are redacted (pipeline.redact) before they are written; a
+call with a page that cannot be redacted is not landed at all, and returned as such.
 
 Reading (``replay``): any ``*.jsonl`` / ``*.jsonl.gz`` under RAW_DIR, in file-name
 order, one HTTP answer per line. Pages are reassembled into calls: a page fetched
 without a ``cursor`` starts a new fetch of its call, later pages append, a page with
 no ``next`` completes it; a 404 line completes a ``not_found`` fetch. Completed
 fetches are yielded as they complete, so later lines win and memory holds only the
-calls whose paging is still open.
+calls whose paging is still open. A line is decoded into the declared page
+(pipeline.api_schema) with its stages left as the bytes received, which the transform
+keeps as ``raw``; a line msgspec refuses is decoded by ``jsonio.loads`` instead, so a
+line too deep, too long or not JSON is a reported bad line either way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,31 +32,61 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, cast
 
+import msgspec
+
+from pipeline import jsonio
+from pipeline.api_schema import Page
 from pipeline.calls_input import normalize_call_id
-from pipeline.records import CallFetch, utcnow
-from pipeline.redact import redact_page
+from pipeline.records import CallFetch, rfc3339, utcnow
+from pipeline.redact import RedactionError, redact_page
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: partial files are healed without checking for a live writer
+    fcntl = None  # type: ignore[assignment]
 
 PARTIAL_SUFFIX = ".partial"
+HEALING_SUFFIX = ".healing"
+#: A longer line is a bad line (reading it would need that much memory).
+MAX_LINE_BYTES = 512 * 1024 * 1024
+_CHUNK = 1024 * 1024
+_PIECE = 64 * 1024  # compressed bytes fed at a time while healing
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RawWriter:
-    def __init__(self, raw_dir: Path, run_id: str):
+    """Writes one run's landing file. ``warn(message)`` receives one line per killed
+    run's file healed when the writer opens (also kept in ``warnings``)."""
+
+    def __init__(self, raw_dir: Path, run_id: str, warn: Callable[[str], None] | None = None):
         raw_dir.mkdir(parents=True, exist_ok=True)
-        heal_partial_files(raw_dir)
+        self._warn = warn
+        self.warnings: list[str] = []
+        for message in heal_partial_files(raw_dir):
+            self._warning(message)
         self.final_path = raw_dir / f"{run_id}.jsonl.gz"
         self.partial_path = raw_dir / f".{run_id}.jsonl.gz{PARTIAL_SUFFIX}"
         self._file: IO[bytes] = open(self.partial_path, "wb")
+        if fcntl is not None:  # tells a healer in another process that this file is live
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._gz = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=1)
         self.lines = 0
 
-    def write(self, fetches: list[CallFetch]) -> None:
+    def _warning(self, message: str) -> None:
+        self.warnings.append(message)
+        if self._warn is not None:
+            self._warn(message)
+
+    def write(self, fetches: list[CallFetch]) -> dict[str, str]:
+        """Land the batch; returns {call id: reason} for the calls not landed, because
+        a page of theirs cannot be redacted or encoded (the others are landed)."""
         out: list[bytes] = []
+        not_landed: dict[str, str] = {}
         for fetch in fetches:
-            if fetch.status == "not_found":
-                out.append(_line(fetch.call_id, 404, fetch.fetched_at, fetch.page_urls[-1:] or [""], None))
-            elif fetch.status == "loaded":
-                for url, page in zip(fetch.page_urls, fetch.pages):
-                    out.append(_line(fetch.call_id, 200, fetch.fetched_at, [url], redact_page(page)))
+            try:
+                out.extend(_fetch_lines(fetch))
+            except _NotLanded as exc:
+                not_landed[fetch.call_id] = str(exc)
         if out:
             self._gz.write(b"".join(out))
             # Sync-flush the gzip stream and fsync: everything so far is readable.
@@ -58,6 +94,7 @@ class RawWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self.lines += len(out)
+        return not_landed
 
     def close(self) -> None:
         self._gz.close()
@@ -68,15 +105,158 @@ class RawWriter:
             self.partial_path.unlink(missing_ok=True)
 
 
-def _line(call_id: str, status: int, fetched_at: datetime, url: list[str], page: Any) -> bytes:
-    record = {"call_id": call_id, "status": status, "fetched_at": fetched_at.isoformat(), "url": url[0], "page": page}
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+class _NotLanded(Exception):
+    """A call none of whose lines may be written (a call with a page left out would
+    replay as a different call)."""
 
 
-def heal_partial_files(raw_dir: Path) -> None:
-    for partial in raw_dir.glob(f".*.jsonl.gz{PARTIAL_SUFFIX}"):
-        target = partial.with_name(partial.name[1 : -len(PARTIAL_SUFFIX)])
-        os.replace(partial, target)
+def _fetch_lines(fetch: CallFetch) -> list[bytes]:
+    if fetch.status == "not_found":
+        return [_line(fetch.call_id, 404, fetch.fetched_at, (fetch.page_urls[-1:] or [""])[0], None)]
+    if fetch.status != "loaded":
+        return []
+    try:
+        return [
+            _line(fetch.call_id, 200, fetch.fetched_at, url, redact_page(page))
+            for url, page in zip(fetch.page_urls, fetch.pages)
+        ]
+    except RedactionError as exc:
+        raise _NotLanded(f"a page is {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise _NotLanded(f"a page cannot be written as JSON ({type(exc).__name__})") from None
+
+
+def _line(call_id: str, status: int, fetched_at: datetime, url: str, page: Any) -> bytes:
+    record = {"call_id": call_id, "status": status, "fetched_at": rfc3339(fetched_at), "url": url, "page": page}
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (jsonio.loads replaces them; other sources may not)
+        return _SURROGATE.sub("\ufffd", text).encode()
+
+
+# --------------------------------------------------------------------------- healing
+
+
+def heal_partial_files(raw_dir: Path) -> list[str]:
+    """Put the files of killed runs in place, keeping every complete line.
+
+    A run killed mid-write leaves ``.<run>.jsonl.gz.partial`` whose gzip stream ends
+    anywhere. It is decompressed as far as it goes, lines up to the last newline are
+    re-written as a clean ``<run>.jsonl.gz`` (temp file, fsync, rename) and the partial
+    file is removed. Returns one message per healed file, saying what was dropped.
+    A partial file locked by a live writer is left alone.
+    """
+    for leftover in raw_dir.glob(f".*.jsonl.gz{HEALING_SUFFIX}"):
+        leftover.unlink(missing_ok=True)  # a heal that was itself interrupted
+    messages = []
+    for partial in sorted(raw_dir.glob(f".*.jsonl.gz{PARTIAL_SUFFIX}")):
+        message = _heal(partial, partial.with_name(partial.name[1 : -len(PARTIAL_SUFFIX)]))
+        if message:
+            messages.append(message)
+    return messages
+
+
+def _heal(partial: Path, target: Path) -> str | None:
+    try:
+        source = open(partial, "rb")
+    except FileNotFoundError:  # healed by another process meanwhile
+        return None
+    with source:
+        if fcntl is not None:
+            try:
+                fcntl.flock(source.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return None  # a running writer holds it
+        temp = target.with_name(f".{target.name}{HEALING_SUFFIX}")
+        with open(temp, "wb") as sink:
+            with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=1) as gz:
+                lines, dropped, corrupt = _copy_complete_lines(source, gz)
+            sink.flush()
+            os.fsync(sink.fileno())
+        if lines:
+            os.replace(temp, target)
+            _fsync_dir(target.parent)
+        else:
+            temp.unlink()
+        partial.unlink()
+    message = f"{partial.name} (left by a run that was killed): "
+    message += f"{lines} complete line(s) kept in {target.name}" if lines else "no complete line, nothing kept"
+    if dropped:
+        message += f"; dropped an incomplete last line ({dropped} bytes)"
+    if corrupt:
+        message += "; the rest of the file was unreadable and dropped"
+    return message
+
+
+def _copy_complete_lines(source: IO[bytes], gz: IO[bytes]) -> tuple[int, int, bool]:
+    """Decompress ``source`` (gzip members, possibly cut anywhere) and write every
+    complete line to ``gz``: (lines written, bytes after the last newline, whether
+    undecodable data was met and dropped)."""
+    lines = _LineSink(gz)
+    decompressor = zlib.decompressobj(wbits=31)
+    while data := source.read(_PIECE):
+        backup = decompressor.copy()
+        try:
+            decompressor = _decompress(decompressor, data, lines)
+        except zlib.error:
+            # zlib gives nothing of a piece it fails on: redo it a byte at a time.
+            decompressor = backup
+            try:
+                for at in range(len(data)):
+                    decompressor = _decompress(decompressor, data[at : at + 1], lines)
+            except zlib.error:
+                return lines.count, lines.pending, True
+    return lines.count, lines.pending, False
+
+
+def _decompress(decompressor: Any, data: bytes, lines: _LineSink) -> Any:
+    """Feed ``data``; returns the decompressor for what follows (a new one after the
+    end of a gzip member: another may follow)."""
+    while data:
+        lines.add(decompressor.decompress(data, _CHUNK))
+        data = decompressor.unconsumed_tail
+        if decompressor.eof:
+            data = decompressor.unused_data + data
+            decompressor = zlib.decompressobj(wbits=31)
+    return decompressor
+
+
+class _LineSink:
+    """Writes decompressed bytes up to the last newline; holds the incomplete line."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out = out
+        self.count = 0
+        self._tail: list[bytes] = []  # in pieces: a line may be long
+        self.pending = 0
+
+    def add(self, data: bytes) -> None:
+        end = data.rfind(b"\n") + 1
+        if end:
+            self.out.write(b"".join(self._tail))
+            self.out.write(data[:end])
+            self.count += data.count(b"\n", 0, end)
+            self._tail, self.pending = [], 0
+        if end < len(data):
+            self._tail.append(data[end:])
+            self.pending += len(data) - end
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def landing_files(raw_dir: Path) -> list[Path]:
@@ -102,13 +282,16 @@ def read_landing_zone(raw_dir: Path, on_bad_line: Callable[[BadLine], None]) -> 
         number = 0
         try:
             with _open_lines(path) as stream:
-                for number, line in enumerate(stream, start=1):
+                for number, line in enumerate(_lines(stream), start=1):
+                    if line is None:
+                        on_bad_line(BadLine(f"{path}:{number}", f"line longer than {MAX_LINE_BYTES} bytes"))
+                        continue
                     if not line.strip():
                         continue
                     try:
-                        done = _apply_line(json.loads(line), open_fetches)
+                        done = _apply_line(_decode_line(line), open_fetches, len(line))
                     except (ValueError, KeyError, TypeError) as exc:
-                        on_bad_line(BadLine(f"{path}:{number}", str(exc) or type(exc).__name__))
+                        on_bad_line(BadLine(f"{path}:{number}", _bad_reason(exc)))
                         continue
                     if done is not None:
                         yield done
@@ -119,12 +302,59 @@ def read_landing_zone(raw_dir: Path, on_bad_line: Callable[[BadLine], None]) -> 
         on_bad_line(BadLine(str(raw_dir), f"call {call_id}: paging incomplete (no last page); not loaded"))
 
 
-def _apply_line(record: Any, open_fetches: dict[str, CallFetch]) -> CallFetch | None:
+def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The stream's lines; None for a line longer than MAX_LINE_BYTES, which is
+    skipped without being held in memory."""
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES:
+            yield line
+            continue
+        while not line.endswith(b"\n") and (line := stream.readline(_CHUNK)):
+            pass
+        yield None
+
+
+def _bad_reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"field {exc} is missing"
+    return str(exc) or type(exc).__name__
+
+
+class LandedLine(msgspec.Struct):
+    """One line of the landing zone, as :func:`_line` writes it."""
+
+    call_id: str
+    status: int
+    fetched_at: str | None = None
+    url: str | None = None
+    page: Page | None = None
+
+
+_landed_line = msgspec.json.Decoder(LandedLine)
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+def _decode_line(line: bytes) -> LandedLine | Any:
+    """The line typed, its stages as bytes; anything msgspec refuses, or that it would
+    let through unchecked inside those bytes (nesting, text that is not UTF-8), goes
+    to ``jsonio.loads``, which decides or reports it."""
+    if jsonio.too_deep(line) or (b"\xed" in line and _ENCODED_SURROGATE.search(line)):
+        return jsonio.loads(line)
+    try:
+        line.decode()
+        return _landed_line.decode(line)
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return jsonio.loads(line)
+
+
+def _apply_line(record: Any, open_fetches: dict[str, CallFetch], nbytes: int = 0) -> CallFetch | None:
+    if isinstance(record, LandedLine):
+        record = _typed_record(record)
     if not isinstance(record, dict):
         raise ValueError("line is not a JSON object")
     call_id = normalize_call_id(str(record["call_id"]))
     if call_id is None:
-        raise ValueError(f"call_id {record['call_id']!r} is not a UUID")
+        raise ValueError(f"call_id {str(record['call_id'])[:40]!r} is not a UUID")
     status = record["status"]
     fetched_at = _parse_time(record.get("fetched_at"))
     url = str(record.get("url") or "")
@@ -145,10 +375,18 @@ def _apply_line(record: Any, open_fetches: dict[str, CallFetch]) -> CallFetch | 
         open_fetches[call_id] = fetch
     fetch.pages.append(page)
     fetch.page_urls.append(url)
+    fetch.nbytes += nbytes
     fetch.fetched_at = fetched_at
     if not page.get("next"):
         return open_fetches.pop(call_id)
     return None
+
+
+def _typed_record(line: LandedLine) -> dict[str, Any]:
+    page = line.page
+    body = None if page is None else {"results": page.results, "next": page.next, "total": page.total}
+    return {"call_id": line.call_id, "status": line.status, "fetched_at": line.fetched_at, "url": line.url,
+            "page": body}
 
 
 def _parse_time(value: Any) -> datetime:

@@ -34,6 +34,7 @@ from typing import Any
 import duckdb
 
 from pipeline.errors import UsageError
+from pipeline.records import rfc3339
 
 STYLES = ("table", "csv", "json")
 PARAMETERS = ("since", "until", "model")
@@ -242,9 +243,7 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-        return value.isoformat()
+        return rfc3339(value) if value.tzinfo is not None else value.isoformat()
     if isinstance(value, (date, time)):
         return value.isoformat()
     if isinstance(value, timedelta):
@@ -315,14 +314,16 @@ class _Exact:
 
 
 def _jsonable(value: Any) -> Any:
-    """JSON-safe: DECIMAL → exact number, timestamps → RFC 3339 UTC text, NaN → null."""
+    """JSON-safe: DECIMAL → exact number, timestamps → RFC 3339 UTC (naive ones are UTC), NaN → null."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Decimal):
         return _Exact(value) if value.is_finite() else None
-    if isinstance(value, (datetime, date, time, timedelta)):
+    if isinstance(value, datetime):
+        return rfc3339(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+    if isinstance(value, (date, time, timedelta)):
         return _text(value)
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -357,6 +358,11 @@ def _dumps(value: Any, indent: int | None = None) -> str:
         return text
     quoted = re.escape(json.dumps(marker, ensure_ascii=False)[:-1])
     return re.sub(quoted + r'(\d+)"', lambda m: literals[int(m.group(1))], text)
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON of any value, in the same style as ``render_json`` (RFC 3339, exact decimals)."""
+    return _dumps(_jsonable(value), indent=2)
 
 
 def render_json(names: Sequence[str], types: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -1,4 +1,4 @@
-"""The one definition of every warehouse table (see CONTRACT.md, "Warehouse tables").
+"""The one definition of every warehouse table: names, types, keys and descriptions.
 
 DuckDB DDL, Arrow schemas for the transformer and the Parquet layout are all derived
 from :data:`TABLES`. UUID columns are UUID in DuckDB and plain strings in Arrow and
@@ -35,6 +35,8 @@ class Column:
     name: str
     sql_type: str
     nullable: bool = True
+    #: One line for `ultravox-stages tables`: what the column means.
+    description: str = ""
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -50,6 +52,8 @@ class Table:
     per_call: bool
     #: Hive partition column for the Parquet layout (derived, not stored in DuckDB).
     partition_by: str | None = None
+    #: One line for `ultravox-stages tables`: what a row is.
+    description: str = ""
 
     @property
     def column_names(self) -> list[str]:
@@ -72,12 +76,13 @@ class Table:
 
 
 def _cols(spec: str) -> tuple[Column, ...]:
-    """Parse ``name TYPE [NOT NULL]`` lines: keeps the table list readable."""
+    """Parse ``name TYPE [NOT NULL] -- description`` lines: keeps the table list readable."""
     out = []
     for line in spec.strip().splitlines():
-        parts = line.split()
-        nullable = not line.rstrip().endswith("NOT NULL")
-        out.append(Column(parts[0], parts[1], nullable))
+        definition, _, description = line.partition(" -- ")
+        parts = definition.split()
+        nullable = not definition.rstrip().endswith("NOT NULL")
+        out.append(Column(parts[0], parts[1], nullable, description.strip()))
     return tuple(out)
 
 
@@ -85,145 +90,152 @@ CALL_STAGES = Table(
     "call_stages",
     _cols(
         """
-        call_stage_id UUID NOT NULL
-        call_id UUID NOT NULL
-        stage_index INTEGER NOT NULL
-        created TIMESTAMPTZ
-        model VARCHAR
-        system_prompt VARCHAR
-        temperature DOUBLE
-        language_hint VARCHAR
-        voice VARCHAR
-        time_exceeded_message VARCHAR
-        initial_token_count BIGINT
-        latest_token_count BIGINT
-        error_count BIGINT
-        experimental_settings JSON
-        initial_state JSON
-        inactivity_message_count INTEGER NOT NULL
-        raw JSON NOT NULL
-        run_id VARCHAR NOT NULL
-        extracted_at TIMESTAMPTZ NOT NULL
+        call_stage_id UUID NOT NULL -- the stage's id (callStageId)
+        call_id UUID NOT NULL -- the call the stage belongs to
+        stage_index INTEGER NOT NULL -- 0-based position of the stage in its call, in the order the API lists them
+        created TIMESTAMPTZ -- when the stage started (UTC)
+        model VARCHAR -- the LLM that served the stage
+        system_prompt VARCHAR -- the system prompt of the stage
+        temperature DOUBLE -- sampling temperature of the model
+        language_hint VARCHAR -- BCP47 language code given to guide speech recognition
+        voice VARCHAR -- the Ultravox voice (name or id) the stage speaks with, when one is set
+        time_exceeded_message VARCHAR -- what the agent says when the call reaches its maximum duration
+        initial_token_count BIGINT -- prompt length in tokens when the stage started (NULL when unknown)
+        latest_token_count BIGINT -- latest prompt length in tokens, updated as the stage goes on (NULL when unknown)
+        error_count BIGINT -- number of errors during the stage
+        experimental_settings JSON -- experimental settings of the stage, as received
+        initial_state JSON -- the tool-readable initial state of the stage, as received
+        inactivity_message_count INTEGER NOT NULL -- number of inactivity messages (rows in stage_inactivity_messages)
+        raw JSON NOT NULL -- the stage exactly as received, secrets redacted, unknown fields kept
+        run_id VARCHAR NOT NULL -- the run that last wrote this stage (etl_runs.run_id)
+        extracted_at TIMESTAMPTZ NOT NULL -- when that run fetched the stage (UTC)
         """
     ),
     primary_key=("call_stage_id",),
     per_call=True,
     partition_by="created_date",
+    description="one row per stage of a call",
 )
 
 STAGE_INACTIVITY_MESSAGES = Table(
     "stage_inactivity_messages",
     _cols(
         """
-        call_stage_id UUID NOT NULL
-        call_id UUID NOT NULL
-        position INTEGER NOT NULL
-        duration VARCHAR
-        duration_seconds DECIMAL(38,9)
-        offset_seconds DECIMAL(38,9)
-        message VARCHAR
-        end_behavior VARCHAR NOT NULL
+        call_stage_id UUID NOT NULL -- the stage the message belongs to
+        call_id UUID NOT NULL -- the call of that stage
+        position INTEGER NOT NULL -- 0-based order of the message within the stage
+        duration VARCHAR -- the protobuf Duration string as received, e.g. "1.5s"
+        duration_seconds DECIMAL(38,9) -- exact seconds of duration: the wait after the previous message (the last activity for the first)
+        offset_seconds DECIMAL(38,9) -- cumulative seconds after the last activity when this message fires
+        message VARCHAR -- the text spoken when the user stays silent
+        end_behavior VARCHAR NOT NULL -- what happens after the message; END_BEHAVIOR_UNSPECIFIED when the API omits it
         """
     ),
     primary_key=("call_stage_id", "position"),
     per_call=True,
     partition_by="created_date",
+    description="one row per inactivity message of a stage",
 )
 
 STAGE_VOICES = Table(
     "stage_voices",
     _cols(
         """
-        call_stage_id UUID NOT NULL
-        call_id UUID NOT NULL
-        role VARCHAR NOT NULL
-        provider VARCHAR
-        voice_id VARCHAR
-        model VARCHAR
-        speed DOUBLE
-        settings JSON
+        call_stage_id UUID NOT NULL -- the stage using the voice
+        call_id UUID NOT NULL -- the call of that stage
+        role VARCHAR NOT NULL -- external (the stage's externalVoice) or override (its voiceOverrides)
+        provider VARCHAR -- the API's provider key (elevenLabs, cartesia, lmnt, google, inworld, respeecher, generic, or a new one as-is)
+        voice_id VARCHAR -- the provider's voiceId
+        model VARCHAR -- the provider's TTS model (model or modelId)
+        speed DOUBLE -- speaking speed (speed or speakingRate)
+        settings JSON -- the provider object as received, credentials redacted
         """
     ),
     primary_key=("call_stage_id", "role"),
     per_call=True,
     partition_by="created_date",
+    description="one row per external voice or voice override of a stage",
 )
 
 ETL_CALLS = Table(
     "etl_calls",
     _cols(
         """
-        call_id UUID NOT NULL
-        status VARCHAR NOT NULL
-        stage_count INTEGER
-        attempts INTEGER NOT NULL
-        last_run_id VARCHAR
-        last_attempt_at TIMESTAMPTZ
-        last_success_at TIMESTAMPTZ
-        error VARCHAR
+        call_id UUID NOT NULL -- a call ever requested
+        status VARCHAR NOT NULL -- loaded, not_found or failed (failed calls are retried by the next run)
+        stage_count INTEGER -- stages of the call as of its last successful fetch
+        attempts INTEGER NOT NULL -- how many runs have fetched the call
+        last_run_id VARCHAR -- the run that fetched the call last
+        last_attempt_at TIMESTAMPTZ -- when the call was last fetched (UTC)
+        last_success_at TIMESTAMPTZ -- when the call was last loaded or found missing (UTC)
+        error VARCHAR -- short reason of the last failure, no secrets
         """
     ),
     primary_key=("call_id",),
     per_call=False,
+    description="one row per call ever requested: its load status",
 )
 
 ETL_RUNS = Table(
     "etl_runs",
     _cols(
         """
-        run_id VARCHAR NOT NULL
-        started_at TIMESTAMPTZ NOT NULL
-        finished_at TIMESTAMPTZ
-        status VARCHAR NOT NULL
-        calls_requested BIGINT
-        calls_loaded BIGINT
-        calls_not_found BIGINT
-        calls_failed BIGINT
-        stages_loaded BIGINT
-        http_requests BIGINT
-        http_retries BIGINT
-        tool_version VARCHAR
-        options JSON
+        run_id VARCHAR NOT NULL -- sortable run id: start time and a random suffix
+        started_at TIMESTAMPTZ NOT NULL -- when the run started (UTC)
+        finished_at TIMESTAMPTZ -- when the run ended (UTC); NULL while running or after a crash
+        status VARCHAR NOT NULL -- running, succeeded, partial, auth_failed, unreachable, interrupted or crashed
+        calls_requested BIGINT -- calls the run set out to fetch
+        calls_loaded BIGINT -- calls loaded
+        calls_not_found BIGINT -- calls the API answered 404 for
+        calls_failed BIGINT -- calls that failed (retried by the next run)
+        stages_loaded BIGINT -- stages written
+        http_requests BIGINT -- HTTP requests sent
+        http_retries BIGINT -- HTTP requests retried
+        tool_version VARCHAR -- ultravox-stages version that ran
+        options JSON -- the run's settings, no secrets
         """
     ),
     primary_key=("run_id",),
     per_call=False,
+    description="one row per run of the tool",
 )
 
 CALLS = Table(
     "calls",
     _cols(
         """
-        call_id UUID NOT NULL
-        created TIMESTAMPTZ
-        joined TIMESTAMPTZ
-        ended TIMESTAMPTZ
-        end_reason VARCHAR
-        billed_duration VARCHAR
-        billed_duration_seconds DECIMAL(38,9)
-        agent_id VARCHAR
-        metadata JSON
-        deleted_at TIMESTAMPTZ
-        raw JSON NOT NULL
-        run_id VARCHAR NOT NULL
-        extracted_at TIMESTAMPTZ NOT NULL
+        call_id UUID NOT NULL -- a call listed by --since/--incremental (GET /api/calls)
+        created TIMESTAMPTZ -- when the call was created (UTC)
+        joined TIMESTAMPTZ -- when the user joined (UTC)
+        ended TIMESTAMPTZ -- when the call ended (UTC)
+        end_reason VARCHAR -- why the call ended, as the API says (e.g. hangup, timeout)
+        billed_duration VARCHAR -- billed duration as received (protobuf Duration string)
+        billed_duration_seconds DECIMAL(38,9) -- exact seconds of billed_duration
+        agent_id VARCHAR -- the agent the call ran under
+        metadata JSON -- the call's metadata object, as received
+        deleted_at TIMESTAMPTZ -- when the API first reported the call deleted (UTC); NULL if it was not
+        raw JSON NOT NULL -- the listed call exactly as received, secrets redacted
+        run_id VARCHAR NOT NULL -- the run that last listed the call
+        extracted_at TIMESTAMPTZ NOT NULL -- when that run listed the call (UTC)
         """
     ),
     primary_key=("call_id",),
     per_call=False,
+    description="one row per call listed from GET /api/calls",
 )
 
 ETL_STATE = Table(
     "etl_state",
     _cols(
         """
-        key VARCHAR NOT NULL
-        value VARCHAR
-        updated_at TIMESTAMPTZ NOT NULL
+        key VARCHAR NOT NULL -- state name; watermark_created is the incremental watermark
+        value VARCHAR -- the state's value as text
+        updated_at TIMESTAMPTZ NOT NULL -- when the value last changed (UTC)
         """
     ),
     primary_key=("key",),
     per_call=False,
+    description="key/value state kept between runs",
 )
 
 #: The three tables a call's stages are flattened into, replaced as a unit per call.

@@ -1,7 +1,14 @@
 """`ultravox-stages status`: what a cron operator checks (last runs, failures, staleness).
 
-Healthy means: the most recent finished run succeeded. ``status`` exits 1 otherwise,
-so it can be used directly by monitoring (e.g. ``ultravox-stages status || alert``).
+Healthy means: the most recent finished run succeeded (a run in progress is named with
+its progress but does not count until it finishes). ``status`` exits 1 otherwise, so
+it can be used directly by monitoring (e.g. ``ultravox-stages status || alert``).
+
+Run states cannot lie: a run still marked ``running`` while nobody holds the output's
+writer lock died (kill -9, power loss) and is reported ``crashed``; when the output is
+writable, ``status`` takes the free lock for a moment and records that. While a run is
+writing, ``status`` answers from the live state the writer publishes in its lock file
+(and, for Parquet, from the committed files; a DuckDB file is locked by its writer).
 """
 
 from __future__ import annotations
@@ -11,7 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.load import query_connection
+import duckdb
+
+from pipeline.errors import OutputError, StagesError
+from pipeline.load import lock_file, open_warehouse, query_connection
+from pipeline.lock import read_lock
 
 _LAST_RUNS = """
 SELECT run_id, started_at, finished_at,
@@ -53,45 +64,142 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def status_report(fmt: str, path: Path, style: str) -> tuple[str, bool]:
-    con = query_connection(fmt, path)
+def _live_writer(fmt: str, path: Path) -> dict[str, Any] | None:
+    """The state document of the writer holding the output's lock, if one does."""
+    lock = lock_file(fmt, path)
+    if lock is None:
+        return None
+    held, doc = read_lock(lock)
+    return doc if held else None
+
+
+def _record_crashes(fmt: str, path: Path) -> None:
+    """Take the free writer lock for a moment: opening marks dead runs crashed. Best
+    effort: a read-only output (or a writer starting meanwhile) keeps them as they are."""
     try:
-        runs = _rows(con, _LAST_RUNS)
-        by_status = _rows(con, _BY_STATUS)
-        failed = _rows(con, _FAILED)
-        failed_count = con.execute(_FAILED_COUNT).fetchall()[0][0]
-        last_success = con.execute(_LAST_SUCCESS).fetchall()[0][0]
+        warehouse = open_warehouse(fmt, path)
+        warehouse.open()
+        warehouse.close()
+    except (StagesError, OSError, duckdb.Error):
+        pass
+
+
+def _read_tables(fmt: str, path: Path, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Runs and calls from the warehouse; None when a live writer keeps it locked."""
+    try:
+        con = query_connection(fmt, path)
+    except OutputError:
+        if live is None:
+            raise
+        return None
+    try:
+        return {
+            "runs": _rows(con, _LAST_RUNS),
+            "by_status": _rows(con, _BY_STATUS),
+            "failed": _rows(con, _FAILED),
+            "failed_count": con.execute(_FAILED_COUNT).fetchall()[0][0],
+            "last_success": con.execute(_LAST_SUCCESS).fetchall()[0][0],
+        }
     finally:
         con.close()
-    finished = [r for r in runs if r["status"] != "running"]
-    healthy = bool(finished) and finished[0]["status"] == "succeeded"
-    now = datetime.now(timezone.utc)
-    stale_hours = round((now - last_success).total_seconds() / 3600, 2) if last_success else None
+
+
+def status_report(fmt: str, path: Path, style: str) -> tuple[str, bool]:
+    live = _live_writer(fmt, path)
+    tables = _read_tables(fmt, path, live)
+    current = (live or {}).get("run") or None
+    if tables is not None and live is None and lock_file(fmt, path) is not None:
+        ghosts = [r for r in tables["runs"] if r["status"] == "running"]
+        if ghosts:
+            _record_crashes(fmt, path)
+        for run in ghosts:
+            run["status"] = "crashed"  # its writer is gone, recorded or not
+    if tables is not None:
+        current_id = current["run_id"] if current else None
+        finished = [r for r in tables["runs"] if r["status"] != "running" and r["run_id"] != current_id]
+        last = {k: finished[0][k] for k in ("run_id", "status", "finished_at")} if finished else None
+    else:
+        last = (live or {}).get("last_finished")
+    healthy = last is not None and last["status"] == "succeeded"
     if style == "json":
-        doc = {
-            "warehouse": str(path),
-            "healthy": healthy,
+        return _json_report(path, healthy, last, live, tables), healthy
+    return _text_report(path, healthy, last, live, tables), healthy
+
+
+def _writer(live: dict[str, Any] | None) -> dict[str, Any] | None:
+    if live is None:
+        return None
+    return {"pid": live.get("pid"), "host": live.get("host"), "locked_at": live.get("started_at"), "run": live.get("run")}
+
+
+def _json_report(
+    path: Path, healthy: bool, last: dict[str, Any] | None, live: dict[str, Any] | None, tables: dict[str, Any] | None
+) -> str:
+    doc: dict[str, Any] = {"warehouse": str(path), "healthy": healthy, "last_finished_run": last, "writing_now": _writer(live)}
+    if tables is None:
+        doc["note"] = "the DuckDB file is locked by the run writing it; figures are from that run's live state"
+    else:
+        last_success = tables["last_success"]
+        doc |= {
             "last_success_at": last_success,
-            "hours_since_last_success": stale_hours,
-            "last_runs": runs,
-            "calls_by_status": by_status,
-            "failed_calls": failed_count,
-            "failed_calls_sample": failed,
+            "hours_since_last_success": _hours_since(last_success),
+            "last_runs": tables["runs"],
+            "calls_by_status": tables["by_status"],
+            "failed_calls": tables["failed_count"],
+            "failed_calls_sample": tables["failed"],
         }
-        return json.dumps(doc, default=str, indent=2), healthy
-    state = "OK" if healthy else "ATTENTION: the last run did not succeed" if finished else "no finished run yet"
-    staleness = f"{stale_hours} h ago ({_fmt(last_success)})" if last_success else "never"
-    parts = [
-        f"Warehouse {path}: {state}",
+    return json.dumps(doc, default=str, indent=2)
+
+
+def _hours_since(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return round((datetime.now(timezone.utc) - moment).total_seconds() / 3600, 2)
+
+
+def _text_report(
+    path: Path, healthy: bool, last: dict[str, Any] | None, live: dict[str, Any] | None, tables: dict[str, Any] | None
+) -> str:
+    if healthy:
+        state = "OK"
+    elif last is not None:
+        state = f"ATTENTION: the last run did not succeed ({last['status']})"
+    else:
+        state = "no finished run yet"
+    parts = [f"Warehouse {path}: {state}"]
+    if live is not None:
+        parts.append(_describe_live(live))
+    if tables is None:
+        if last is not None:
+            finished_at = last.get("finished_at") or "an unknown time (it crashed)"
+            parts.append(f"Last finished run: {last['run_id']} {last['status']}, finished {finished_at}")
+        parts.append("(the DuckDB file is locked by the run writing it; run status again when it finishes for details)")
+        return "\n".join(parts)
+    last_success = tables["last_success"]
+    staleness = f"{_hours_since(last_success)} h ago ({_fmt(last_success)})" if last_success else "never"
+    parts += [
         f"Last successful run finished: {staleness}",
         "",
         "Last runs:",
-        _text_table(runs),
+        _text_table(tables["runs"]),
         "",
         "Calls by status:",
-        _text_table(by_status),
+        _text_table(tables["by_status"]),
         "",
-        f"Failed calls ({failed_count}; they are retried by the next run):",
-        _text_table(failed),
+        f"Failed calls ({tables['failed_count']}; they are retried by the next run):",
+        _text_table(tables["failed"]),
     ]
-    return "\n".join(parts), healthy
+    return "\n".join(parts)
+
+
+def _describe_live(live: dict[str, Any]) -> str:
+    run = live.get("run")
+    who = f"pid {live.get('pid')} on {live.get('host')}"
+    if not run:
+        return f"A run is starting ({who}, since {live.get('started_at')})"
+    done = run["calls_loaded"] + run["calls_not_found"] + run["calls_failed"]
+    return (
+        f"Run {run['run_id']} is writing now ({who}, started {run['started_at']}): "
+        f"{done}/{run['calls_requested'] or '?'} calls done ({run['calls_loaded']} loaded, "
+        f"{run['calls_not_found']} not found, {run['calls_failed']} failed), {run['stages_loaded']} stages"
+    )

@@ -1,7 +1,10 @@
-"""Shared fixtures: the simulated API on 127.0.0.1 and the real CLI in a subprocess."""
+"""Shared fixtures: the simulated API on 127.0.0.1 and the real CLI, in-process (``cli``,
+``invoke_cli``) or in a subprocess (``run_cli``: for signals, crashes and process boundaries)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -82,9 +85,36 @@ def run_cli(*args: str, key: str | None = KEY, cwd: Path | None = None, stdin: s
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def invoke_cli(*args: str, key: str | None = KEY, cwd: Path | None = None, stdin: str | None = None,
+               env_extra: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    """``run_cli`` in this process: ``pipeline.cli.main`` under click's CliRunner isolation
+    (stdin, stdout, stderr and the environment), so exit codes and messages are the real
+    ones. ``timeout`` is accepted for the same signature; nothing here can hang a child."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    env: dict[str, str | None] = {"ULTRAVOX_API_KEY": key, "ULTRAVOX_STAGES_DEBUG": None}
+    env.update(env_extra or {})
+    argv = sys.argv
+    with CliRunner().isolation(input=stdin, env=env) as (out, err, _mixed), contextlib.chdir(cwd or os.getcwd()):
+        sys.argv = ["ultravox-stages", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        finally:
+            sys.argv = argv
+            gc.unfreeze()  # main() freezes the heap for a long-lived process; a test run is not one
+        stdout, stderr = out.getvalue(), err.getvalue()
+    return CliResult(code, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"))
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    """The CLI in-process; use ``run_cli`` where a real process boundary is the point."""
+    return invoke_cli
 
 
 def write_ids(path: Path, ids) -> Path:

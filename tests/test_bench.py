@@ -1,9 +1,10 @@
-"""The benchmark's smoke run (issue 9: CI runs a tiny version): every comparison runs
-end to end and prints its row. Figures are not asserted here (timings belong to the
-benchmark, never to tests); the full run is `python bench/run_bench.py`."""
+"""The benchmark's smoke run: every comparison runs end to end, and its figures are sane
+(right row counts, plausible memory). Speed is never asserted here: that belongs to the
+full run, `python bench/run_bench.py`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke_prints_every_row() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=600)
+def test_bench_smoke_rows_are_sane(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--smoke", "--json", str(rows_file)],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
-    for row in ("extract 40 calls", "end to end", "replay 500 stages → duckdb", "replay 2,000 stages → parquet",
-                "floor: gunzip + json.loads only", "floor: DuckDB storing", "export 1,000 calls",
-                "memory growth, replay → duckdb", "memory growth, export"):
-        assert row in out, f"missing bench row {row!r}:\n{out}"
+    rows = {row["what"]: row for row in json.loads(rows_file.read_text())}
+    for label in ("extract 40 calls", "end to end", "replay 500 stages → duckdb", "replay 2,000 stages → parquet",
+                  "floor: gunzip + json.loads only", "floor: DuckDB storing", "export 1,000 calls",
+                  "memory growth, replay → duckdb", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
+                  "100 KB prompts, 1% 1 MB) → parquet"):
+        assert any(label in what for what in rows), f"missing bench row {label!r}: {list(rows)}"
+        assert label in done.stdout
+    for what, row in rows.items():
+        if "expected_stages" in row:
+            assert row["stages"] == row["expected_stages"], what
+        if "stages" in row:
+            assert row["stages"] > 0, what
+        if "rss_mb" in row:
+            assert 20 < row["rss_mb"] < 4096, what

@@ -10,17 +10,6 @@ from conftest import KEY, expected_for
 from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData
 
 
-class GrowingData(SyntheticData):
-    """Synthetic calls that 'exist' only once created before ``cutoff`` (None = all),
-    so a later run sees calls that were created since the previous one."""
-
-    cutoff: datetime | None = None
-
-    def _calls_by_created(self):
-        everything = super()._calls_by_created()
-        return [pair for pair in everything if self.cutoff is None or pair[0] < self.cutoff]
-
-
 def created_of(data):
     return {cid: datetime.fromisoformat(data.call_for(cid)["created"]) for cid in data.call_ids}
 
@@ -63,30 +52,28 @@ def test_since_until_lists_calls_and_fills_calls_table(tmp_path, start_sandbox, 
 
 
 def test_incremental_watermark_overlap_new_calls_and_deletions(tmp_path):
-    data = GrowingData(n_calls=300, seed=32)
+    data = SyntheticData(n_calls=300, seed=32)
     created = created_of(data)
     ordered = sorted(created.values())
-    data.cutoff = ordered[-60]  # the newest 60 calls do not exist yet
+    data.listed_before = ordered[-60]  # the newest 60 calls do not exist yet
     db = tmp_path / "w.duckdb"
-    from conftest import run_cli as cli
+    from conftest import invoke_cli as cli
 
     box = Sandbox(data, SandboxOptions(api_key=KEY)).start()
     try:
         first = cli("run", "--incremental", "--output", str(db), "--base-url", box.base_url)
         assert first.code == 0, first.stderr
-        visible = [c for c, when in created.items() if when < data.cutoff]
+        visible = [c for c, when in created.items() if when < data.listed_before]
         assert len(query(db, "SELECT * FROM calls")) == len(visible)
         watermark = max(created[c] for c in visible)
         stored = query(db, "SELECT value FROM etl_state WHERE key = 'watermark_created'")[0][0]
         assert datetime.fromisoformat(stored) == watermark
 
         # Time passes: 60 new calls appear, and one loaded call is deleted.
-        data.cutoff = None
-        data._by_created = None
+        data.listed_before = None
         box.stop()
         doomed = visible[0]
-        data.deleted_call_ids = data.deleted_call_ids + [doomed]
-        data._deleted_at[doomed] = "2025-06-20T00:00:00Z"
+        data.mark_deleted(doomed, "2025-06-20T00:00:00Z")
         box = Sandbox(data, SandboxOptions(api_key=KEY)).start()
         second = cli("run", "--incremental", "--output", str(db), "--base-url", box.base_url)
         assert second.code == 0, second.stderr
@@ -118,8 +105,7 @@ def test_keep_deleted_flags_without_removing(tmp_path, start_sandbox, cli):
     db = tmp_path / "w.duckdb"
     assert cli("run", "--incremental", "--output", str(db), "--base-url", box.base_url).code == 0
     doomed = box.data.call_ids[5]
-    box.data.deleted_call_ids.append(doomed)
-    box.data._deleted_at[doomed] = "2025-06-20T00:00:00Z"
+    box.data.mark_deleted(doomed, "2025-06-20T00:00:00Z")
     stages = len(box.data.stages_for(doomed))
     res = cli("run", "--incremental", "--keep-deleted", "--output", str(db), "--base-url", box.base_url)
     assert res.code == 0, res.stderr
@@ -180,8 +166,7 @@ def test_incremental_into_parquet(tmp_path, start_sandbox, cli):
     for _ in range(2):
         res = cli("run", "--incremental", "--format", "parquet", "--output", str(folder), "--base-url", box.base_url)
         assert res.code == 0, res.stderr
-        box.data.deleted_call_ids.append(doomed)
-        box.data._deleted_at[doomed] = "2025-06-20T00:00:00Z"
+        box.data.mark_deleted(doomed, "2025-06-20T00:00:00Z")
     con = query_connection("parquet", folder)
     assert con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchall()[0] == (80, 80)
     assert con.execute("SELECT count(*) FROM etl_state WHERE key = 'watermark_created'").fetchall()[0][0] == 1

@@ -12,7 +12,7 @@ import time
 import duckdb
 import pytest
 
-from conftest import KEY, expected_for, write_ids
+from conftest import KEY, expected_for, invoke_cli, write_ids
 from test_e2e_run import assert_matches, figures
 
 RETRY_FAST = (
@@ -51,6 +51,15 @@ def _env():
     return env
 
 
+def _wait_until_fetching(proc, box, fetched_before):
+    """Proof the CLI had started: the sandbox has served it a stages request."""
+    deadline = time.monotonic() + 60  # a hang guard, not a timing assertion
+    while box.stats.stage_requests == fetched_before:
+        assert proc.poll() is None, f"the run ended before fetching anything: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the run never fetched a call"
+        time.sleep(0.01)
+
+
 def _kill_loop(tmp_path, box, fmt, kills, seed):
     rng = random.Random(seed)
     out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w-parquet")
@@ -60,13 +69,14 @@ def _kill_loop(tmp_path, box, fmt, kills, seed):
     args = ["--calls-file", ids, "--output", str(out), "--base-url", box.base_url, "--format", fmt,
             "--config", str(cfg), "--refresh", "--concurrency", "4"]
     for _ in range(kills):
+        fetched_before = box.stats.stage_requests
         proc = _spawn_run(args, _env())
-        time.sleep(rng.uniform(0.3, 2.5))  # interpreter start, fetching, transforming or committing
+        _wait_until_fetching(proc, box, fetched_before)
+        time.sleep(rng.uniform(0, 0.5))  # fetching, transforming or committing
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = subprocess.run([sys.executable, "-m", "pipeline", "run", *args[:-3]], env=_env(),
-                           capture_output=True, text=True)
-    assert final.returncode == 0, final.stderr
+    final = invoke_cli("run", *args[:-3])  # the rerun needs no process of its own
+    assert final.code == 0, final.stderr
     return out
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import duckdb
 
 from conftest import KEY, expected_for, write_ids
-from test_e2e_run import assert_matches
+from test_e2e_run import KEYS_UNIQUE, assert_matches
 
 FAST = "max_attempts = 3\nbackoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.01\nretry_after_max_seconds = 0.01\n"
 
@@ -101,7 +104,7 @@ def test_response_size_cap_and_large_prompts(tmp_path, start_sandbox, cli):
 
 
 def test_100kb_prompts_survive_exactly(tmp_path, start_sandbox, cli):
-    box = start_sandbox(n_calls=500, seed=0)
+    box = start_sandbox(n_calls=250, seed=0)  # call 17 of every 250 carries a ~100 KB prompt
     longest = max((s.get("systemPrompt") or "" for c in box.data.call_ids for s in box.data.stages_for(c)), key=len)
     assert len(longest.encode()) >= 100_000, "sandbox should serve a ~100 KB prompt"
     res, db = _run(tmp_path, box, cli)
@@ -110,3 +113,31 @@ def test_100kb_prompts_survive_exactly(tmp_path, start_sandbox, cli):
         stored = con.execute("SELECT system_prompt FROM call_stages ORDER BY length(system_prompt) DESC LIMIT 1").fetchall()[0][0]
     assert stored == longest
     assert KEY not in res.stderr
+
+
+def test_a_mix_of_hostile_answers_never_stops_the_run_nor_leaks(tmp_path, start_sandbox, cli):
+    from pipeline.sandbox import PLANTED_SECRET_PREFIX
+
+    kinds = ("echo_key", "secret_shapes", "lone_surrogate", "reused_stage_id", "invalid_next", "deep_voice")
+    box = start_sandbox(n_calls=120, seed=61, hostile=kinds, hostile_share=0.3)
+    raw = tmp_path / "raw"
+    res, db = _run(tmp_path, box, cli, "", "--raw-dir", str(raw), "--log-format", "json")
+    assert res.code in (0, 1), res.stderr  # hostile calls fail alone: never a crash (4) or a stop (3)
+    assert all(json.loads(line) for line in res.stderr.splitlines())
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute(KEYS_UNIQUE).fetchall()[0][0]
+        assert con.execute("SELECT status FROM etl_runs").fetchall() == [("succeeded" if res.code == 0 else "partial",)]
+    statuses = _statuses(db)
+    kind_of = {c: box.hostile_kind(c) for c in box.data.call_ids}
+    assert len(statuses) == 120 and sum(k is not None for k in kind_of.values()) >= 12
+    # Calls served normally load, whatever their neighbours got; broken answers fail alone. (The
+    # exception: a call whose stage id a reused_stage_id call took first, named in its error.)
+    innocent = [c for c, k in kind_of.items() if k is None and statuses[c][0] == "failed"]
+    assert all(
+        kind_of.get(statuses[c][1].rsplit("belongs to call ", 1)[-1]) == "reused_stage_id" for c in innocent
+    ), [statuses[c] for c in innocent]
+    assert all(statuses[c][0] == "failed" for c, k in kind_of.items() if k in ("echo_key", "invalid_next"))
+    assert res.code == 1
+    blobs = [res.stdout.encode(), res.stderr.encode(), db.read_bytes()]
+    blobs += [gzip.decompress(p.read_bytes()) for p in raw.glob("*.jsonl.gz")]
+    assert not [b for b in blobs if KEY.encode() in b or PLANTED_SECRET_PREFIX.encode() in b]

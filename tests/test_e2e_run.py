@@ -47,38 +47,38 @@ def assert_matches(db, expected):
     assert (latest, initial, errors) == (expected.latest_tokens, expected.initial_tokens, expected.errors)
 
 
-def test_export_1000_calls_exact_and_idempotent(tmp_path, start_sandbox, cli):
-    box = start_sandbox(n_calls=1000, seed=7)
+def test_export_300_calls_exact_and_idempotent(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=300, seed=7)  # two blocks of pinned calls: every shape
     ids = write_ids(tmp_path / "ids.txt", box.data.call_ids)
     db = tmp_path / "stages.duckdb"
     first = cli("run", "--calls-file", str(ids), "--output", str(db), "--base-url", box.base_url)
     assert first.code == 0, first.stderr
     expected = expected_for(box.data, box.data.call_ids)
     assert_matches(db, expected)
-    assert "1000 calls (1000 loaded, 0 not found, 0 failed)" in first.stderr
+    assert "300 calls (300 loaded, 0 not found, 0 failed)" in first.stderr
     _, content_1 = figures(db)
 
     # Second run: everything already loaded → skipped, nothing fetched, identical contents.
     box.reset_stats()
     second = cli("run", "--calls-file", str(ids), "--output", str(db), "--base-url", box.base_url)
     assert second.code == 0, second.stderr
-    assert "1000 call(s) already loaded, skipped" in second.stderr
+    assert "300 call(s) already loaded, skipped" in second.stderr
     assert box.stats.stage_requests == 0
     assert figures(db)[1] == content_1
 
     # --refresh re-fetches everything and still leaves identical contents, no duplicates.
     third = cli("run", "--calls-file", str(ids), "--output", str(db), "--base-url", box.base_url, "--refresh")
     assert third.code == 0, third.stderr
-    assert box.stats.stage_requests >= 1000
+    assert box.stats.stage_requests >= 300
     assert figures(db)[1] == content_1
     assert_matches(db, expected)
 
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT status, count(*) FROM etl_calls GROUP BY ALL").fetchall() == [("loaded", 1000)]
+        assert con.execute("SELECT status, count(*) FROM etl_calls GROUP BY ALL").fetchall() == [("loaded", 300)]
         assert con.execute("SELECT max(attempts) FROM etl_calls").fetchall()[0][0] == 2
         runs = con.execute("SELECT status, calls_requested, calls_loaded, stages_loaded FROM etl_runs ORDER BY started_at").fetchall()
-        assert runs == [("succeeded", 1000, 1000, expected.stages), ("succeeded", 0, 0, 0),
-                        ("succeeded", 1000, 1000, expected.stages)]
+        assert runs == [("succeeded", 300, 300, expected.stages), ("succeeded", 0, 0, 0),
+                        ("succeeded", 300, 300, expected.stages)]
         options = con.execute("SELECT options FROM etl_runs LIMIT 1").fetchall()[0][0]
         assert json.loads(options)["concurrency"] == 16
 
@@ -122,7 +122,6 @@ def test_malformed_ids_exit_2_and_nothing_fetched(tmp_path, start_sandbox, cli):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--calls-file", "EMPTY"], "no call IDs given"),
         ([], "no call IDs given"),
         (["--calls-file", "MISSING"], "cannot read calls file"),
         (["--call-id", "x", "--concurrency", "0"], "'concurrency' must be greater than 0"),
@@ -136,6 +135,14 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, cli, args, message):
     assert res.code == 2, res.stderr
     assert message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_empty_calls_file_is_nothing_to_do(tmp_path, cli):
+    (tmp_path / "EMPTY").write_text("# nothing here\n\n")
+    res = cli("run", "--calls-file", str(tmp_path / "EMPTY"), "--output", str(tmp_path / "w.duckdb"))
+    assert res.code == 0, res.stderr
+    assert res.stderr.strip().splitlines() == [f"nothing to do: {tmp_path / 'EMPTY'} lists no call IDs"]
+    assert not (tmp_path / "w.duckdb").exists()
 
 
 def test_missing_key_exit_2_and_bad_key_exit_3(tmp_path, start_sandbox, cli):

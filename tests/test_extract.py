@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import math
 
 import httpx
 import pytest
@@ -10,7 +9,8 @@ import pytest
 from pipeline.config import Settings
 from pipeline.errors import AuthError
 import pipeline.extract as extract_module
-from pipeline.extract import AdaptiveRate, InFlightLimit, extract_calls
+from pipeline.extract import extract_calls
+from pipeline.rate import AdaptiveRate
 
 BASE = "https://api.test"
 FAST = dict(
@@ -218,128 +218,6 @@ def test_many_calls_in_flight():
     out, _ = run(handler, ids, concurrency=16)
     assert len(out) == 200 and all(f.status == "loaded" for f in out.values())
     assert in_flight["peak"] >= 8  # not one call at a time
-
-
-def test_in_flight_slow_start_from_4_to_concurrency():
-    async def scenario():
-        limit = InFlightLimit(maximum=32, initial=4)
-        for _ in range(4):
-            await limit.acquire()
-        assert limit.in_flight == 4 and not limit._slots._value  # a fifth waits
-        for _ in range(40):  # each finished request opens one more slot, up to 32
-            limit.release()
-            await limit.acquire()
-        assert limit.limit == 32 and limit.in_flight == 4 and limit._slots._value == 28
-
-    asyncio.run(scenario())
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
-def answers(rate, clock, seconds, per_second, throttled_every=0, started_at=None):
-    """``per_second`` answers a second for ``seconds``; every ``throttled_every``-th is a
-    429 to a request started at ``started_at`` (default: just before it)."""
-    for i in range(round(seconds * per_second)):
-        clock.now += 1 / per_second
-        if throttled_every and i % throttled_every == throttled_every - 1:
-            rate.throttled(started_at=clock.now - 0.01 if started_at is None else started_at)
-        else:
-            rate.admitted()
-
-
-def test_rate_paces_starts_at_the_cap_with_a_small_burst():
-    clock = Clock()
-    rate = AdaptiveRate(10, burst=2, clock=clock)
-    assert [rate.wait_time() for _ in range(3)] == [0, 0, 0]  # the first and `burst` more
-    assert rate.wait_time() == pytest.approx(0.1)  # then 1/rate apart
-    clock.now += 0.1
-    assert rate.wait_time() == 0 and rate.wait_time() == pytest.approx(0.1)
-    rate._decrease(clock.now, 5, retry_after=None)  # a decrease also slows those waiting
-    assert rate.wait_time() == pytest.approx(0.2)
-    clock.now += 10  # idle: the burst again
-    assert [rate.wait_time() for _ in range(3)] == [0, 0, 0] and rate.wait_time() > 0
-
-
-def test_a_lone_429_is_checked_then_undone():
-    clock = Clock()
-    rate = AdaptiveRate(150, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 1, 100)
-    rate.throttled(started_at=clock.now - 0.05, retry_after=0.05)
-    assert rate.rate == pytest.approx(50, rel=0.02)  # halved (what was actually sent: 100/s) while checked
-    answers(rate, clock, 0.12, 100)  # the next 12 answers: no other 429
-    assert rate.rate == 150 and rate.cuts == 0 and rate.ref == math.inf
-
-
-def test_random_429s_do_not_compound_into_a_crawl():
-    clock = Clock()
-    rate = AdaptiveRate(150, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 30, 150, throttled_every=40)  # 2.5% of the answers, spread out
-    assert rate.rate == 150 and rate.cuts == 0
-
-
-def test_a_wave_of_429s_is_the_limit():
-    clock = Clock()
-    rate = AdaptiveRate(1000, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 1, 300)  # the server's burst: everything admitted
-    wave = clock.now - 0.05  # requests in flight when the server's burst ran out
-    rate.throttled(started_at=wave, retry_after=1)
-    assert rate.rate == pytest.approx(150, rel=0.01)  # half the pace that met the 429
-    answers(rate, clock, 0.04, 300, throttled_every=2, started_at=wave)  # half of them are 429
-    assert rate.cuts == 1 and rate.rate == rate.ref == pytest.approx(150, rel=0.01)
-    rate.throttled(started_at=clock.now - 0.5)  # in flight before the decrease: no news
-    assert rate.rate == pytest.approx(150, rel=0.01) and rate.cuts == 1
-
-
-def test_429_at_the_known_limit_decreases_to_what_the_server_admits():
-    clock = Clock()
-    rate = AdaptiveRate(1000, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 1, 300)
-    wave = clock.now - 0.05
-    rate.throttled(started_at=wave, retry_after=1)
-    answers(rate, clock, 0.04, 300, throttled_every=2, started_at=wave)
-    assert rate.rate == rate.ref == pytest.approx(150, rel=0.01)
-    answers(rate, clock, 0.5, 100)  # the server admits 100/s
-    rate.throttled(started_at=clock.now - 0.01, retry_after=1)  # at the known limit: at once
-    assert rate.cuts == 2 and rate.rate == pytest.approx(90, rel=0.03)  # 0.9 × what was admitted
-    assert rate.ref == pytest.approx(100, rel=0.03)
-
-
-def test_probe_waits_for_retry_after_then_grows_additively_up_to_the_cap():
-    clock = Clock()
-    rate = AdaptiveRate(120, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 1, 100)
-    rate._decrease(clock.now, 80, retry_after=1)  # as a 429 at the known limit would
-    start = clock.now
-    clock.now = start + 1  # Retry-After: no probing yet
-    rate.wait_time()
-    assert rate.rate == 80
-    clock.now = start + 3  # then +5% of 80 per second
-    rate.wait_time()
-    assert rate.rate == pytest.approx(88)
-    clock.now = start + 100
-    rate.wait_time()
-    assert rate.rate == 120  # never above the cap (--max-rps)
-
-
-def test_sustained_429s_below_the_known_limit_decrease_too():
-    clock = Clock()
-    rate = AdaptiveRate(200, clock=clock)
-    rate.wait_time()
-    answers(rate, clock, 1, 100)
-    rate._decrease(clock.now, 100, retry_after=None)  # ref 111
-    answers(rate, clock, 1, 100, throttled_every=5)  # 20% of answers: the limit moved down
-    assert rate.cuts >= 2 and rate.rate < 90
 
 
 def test_429s_reach_the_rate_and_other_answers_count_as_admitted():

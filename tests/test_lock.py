@@ -57,3 +57,31 @@ def test_wait_blocks_until_released(tmp_path):
     with OutputLock(path, wait=True, poll_seconds=0.05):
         assert time.monotonic() - started >= 0.4
     proc.wait()
+
+
+def test_wait_gives_up_after_wait_seconds_naming_the_holder(tmp_path):
+    path = tmp_path / "out.lock"
+    proc = hold_in_subprocess(path)
+    try:
+        with pytest.raises(OutputError) as err:
+            OutputLock(path, wait=True, poll_seconds=0.05, wait_seconds=0.2).acquire()
+        assert "after waiting 0.2 s" in str(err.value) and f"pid {proc.pid}" in str(err.value)
+        assert err.value.exit_code == 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_published_state_is_read_while_held_and_known_stale_after(tmp_path):
+    from pipeline.lock import read_lock
+
+    path = tmp_path / "out.lock"
+    lock = OutputLock(path)
+    lock.acquire()
+    lock.publish({"run": {"run_id": "r-" + "x" * 500}})
+    lock.publish({"run": {"run_id": "r-short"}})  # shorter: padded, still one valid document
+    held, doc = read_lock(path)  # flock is per open file: a probe from this process sees it too
+    assert held is True and doc["run"]["run_id"] == "r-short" and doc["pid"] == os.getpid()
+    lock.release()
+    held, doc = read_lock(path)
+    assert held is False and doc["run"]["run_id"] == "r-short"  # history: nobody holds it

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -79,3 +81,21 @@ def test_schema_generated_stages_transform_with_matching_row_counts(stages, call
     assert tables["stage_inactivity_messages"].num_rows == sum(len(s.get("inactivityMessages") or []) for s in stages)
     voices = sum(1 for s in stages for f in ("externalVoice", "voiceOverrides") if s.get(f))
     assert tables["stage_voices"].num_rows == voices
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(STAGES, max_size=4), st.uuids(version=4))
+def test_stages_as_received_bytes_give_the_same_tables_as_objects(stages, call_uuid):
+    """`replay` hands stages over as msgspec.Raw bytes, the extractor as objects."""
+    call_id = str(call_uuid)
+    for i, stage in enumerate(stages):
+        stage.update(callId=call_id, callStageId=str(uuid.UUID(int=(call_uuid.int + i + 1) % (1 << 128))),
+                     created="2026-11-20T10:00:00.123456Z")
+    now = datetime.now(timezone.utc)
+    as_bytes = [msgspec.Raw(json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode()) for s in stages]
+    from_objects = transform_calls([(call_id, stages)], "run", now)
+    from_bytes = transform_calls([(call_id, as_bytes)], "run", now)
+    assert from_bytes.failures.keys() == from_objects.failures.keys()
+    for name, table in from_objects.tables.items():
+        assert from_bytes.tables[name].equals(table), name

@@ -28,6 +28,7 @@ import pytest
 
 from pipeline import reports
 from pipeline.errors import UsageError
+from pipeline.records import rfc3339
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -590,11 +591,11 @@ def test_generic_header_values_never_appear(duck: Path) -> None:
 def test_data_freshness_recent_runs_failed_calls(duck: Path, calls: list[tuple[str, list[dict[str, Any]]]], stages: list[dict[str, Any]]) -> None:
     (fresh,) = rows(duck, "data_freshness")
     assert fresh["last_run_id"] == RUN_NEW and fresh["last_run_status"] == "succeeded"
-    assert fresh["last_success_at"] == "2025-03-10T12:00:05Z"
+    assert fresh["last_success_at"] == "2025-03-10T12:00:05.000000Z"
     assert (fresh["calls_loaded"], fresh["calls_not_found"], fresh["calls_failed"]) == (len(calls), 1, 1)
     assert fresh["stages"] == len(stages)
     newest = max(datetime.fromisoformat(s["created"]).astimezone(timezone.utc) for s in stages if s.get("created"))
-    assert fresh["newest_stage_created"] == newest.isoformat().replace("+00:00", "Z")
+    assert fresh["newest_stage_created"] == rfc3339(newest)
     assert fresh["hours_since_last_success"] > 0
     runs = rows(duck, "recent_runs")
     assert [r["run_id"] for r in runs] == [RUN_NEW, RUN_OLD]
@@ -713,15 +714,17 @@ def test_outputs_parse_back_to_the_same_rows(duck: Path) -> None:
 def test_json_writes_decimals_exactly_and_other_values_sensibly() -> None:
     big = Decimal("315576000120.663677766")
     text = reports.render_json(
-        ["offset", "whole", "items", "at", "day", "settings", "nan", "trap"],
-        ["DECIMAL(38,9)", "DECIMAL(38,9)", "DECIMAL(38,9)[]", "TIMESTAMP WITH TIME ZONE", "DATE", "JSON", "DOUBLE", "VARCHAR"],
+        ["offset", "whole", "items", "at", "naive", "day", "settings", "nan", "trap"],
+        ["DECIMAL(38,9)", "DECIMAL(38,9)", "DECIMAL(38,9)[]", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP", "DATE", "JSON", "DOUBLE", "VARCHAR"],
         [(big, Decimal("-2.000000000"), [Decimal("1.500000000"), None],
-          datetime(2025, 3, 1, 9, 30, tzinfo=timezone(timedelta(hours=-2))), date(2025, 3, 1),
+          datetime(2025, 3, 1, 9, 30, 0, 123456, tzinfo=timezone(timedelta(hours=-2))),
+          datetime(2025, 3, 1, 9, 30), date(2025, 3, 1),
           '{"k": [1, "x"]}', float("nan"), '\x00decimal-0000:0"')],
     )
     (record,) = json.loads(text, parse_float=Decimal)
     assert record == {
-        "offset": big, "whole": -2, "items": [Decimal("1.5"), None], "at": "2025-03-01T11:30:00Z",
+        "offset": big, "whole": -2, "items": [Decimal("1.5"), None], "at": "2025-03-01T11:30:00.123456Z",
+        "naive": "2025-03-01T09:30:00.000000Z",
         "day": "2025-03-01", "settings": {"k": [1, "x"]}, "nan": None, "trap": '\x00decimal-0000:0"',
     }
     assert "315576000120.663677766" in text
@@ -802,7 +805,7 @@ def test_every_report_gives_the_same_answer_on_parquet(duck: Path, parquet: Path
 
 
 def write_contract_parquet(duck: Path, out: Path) -> None:
-    """The CONTRACT's Parquet layout, written straight from the DuckDB warehouse.
+    """The documented Parquet layout, written straight from the DuckDB warehouse.
 
     UUID and JSON columns become plain strings (schema.py's Arrow types) and call_stages
     is hive-partitioned on created_date -- the shapes the real Parquet output has, so the
@@ -846,7 +849,7 @@ def contract_parquet_views(path: Path) -> Any:
     return con
 
 
-def test_every_report_runs_unchanged_on_the_contract_parquet_layout(
+def test_every_report_runs_unchanged_on_the_documented_parquet_layout(
     duck: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same answers on string-typed UUID/JSON columns read with read_parquet (a stand-in

@@ -1,7 +1,11 @@
-"""The simulated Ultravox API: data variety, determinism, HTTP behaviour and faults."""
+"""The simulated Ultravox API: data variety, determinism, HTTP behaviour and faults.
+
+The application is tested in-process through ``httpx.MockTransport``; what needs a socket
+(resets, concurrency, stopping, the child process) through a real ``Sandbox``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -12,7 +16,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData, write_call_ids
+from pipeline.sandbox import Sandbox, SandboxApp, SandboxOptions, SyntheticData, write_call_ids
 
 KEY = "sandbox-test-key"
 DURATION = re.compile(r"^-?(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,9})?s$")
@@ -29,15 +33,28 @@ def all_stages(data: SyntheticData) -> dict[str, list[dict]]:
     return {cid: data.stages_for(cid) for cid in data.call_ids}
 
 
+APP_URL = "http://sandbox.test"  # reached through MockTransport, never resolved
+
+
 @pytest.fixture(scope="module")
-def box(data: SyntheticData) -> Iterator[Sandbox]:
-    with Sandbox(data, SandboxOptions(api_key=KEY)) as running:
-        yield running
+def app(data: SyntheticData) -> SandboxApp:
+    return SandboxApp(data, SandboxOptions(api_key=KEY))
+
+
+@pytest.fixture(scope="module")
+def box(app: SandboxApp) -> SandboxApp:
+    """Stands where a running sandbox used to: tests address it as APP_URL."""
+    return app
+
+
+def _app_client(app: SandboxApp, **kwargs) -> httpx.Client:
+    return httpx.Client(mounts={APP_URL: httpx.MockTransport(app.handler)}, timeout=10, **kwargs)
 
 
 @pytest.fixture
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(headers={"X-API-Key": KEY}, timeout=10) as c:
+def client(app: SandboxApp) -> Iterator[httpx.Client]:
+    """Keyed; APP_URL goes to the in-process app, 127.0.0.1 to real sandboxes."""
+    with _app_client(app, headers={"X-API-Key": KEY}) as c:
         yield c
 
 
@@ -88,6 +105,28 @@ def test_stages_for_returns_copies_and_unknown_raises(data: SyntheticData) -> No
         data.stages_for(data.deleted_call_ids[0])
     with pytest.raises(KeyError):
         data.call_for("not-a-uuid")
+
+
+def test_public_accessors(data: SyntheticData) -> None:
+    cid = next(c for c in data.call_ids if len(data.stages_for(c)) >= 3)
+    assert data.has_call(cid) and not data.has_call(data.deleted_call_ids[0]) and not data.has_call("x")
+    assert data.stage_count(cid) == len(data.stages_for(cid))
+    assert data.stage_ids_for(cid) == [s["callStageId"] for s in data.stages_for(cid)]
+    with pytest.raises(KeyError):
+        data.stage_count(data.deleted_call_ids[0])
+
+
+def test_caches_are_bounded_by_bytes() -> None:
+    from pipeline.sandbox.data import LRUCache
+
+    cache = LRUCache(100, max_bytes=1000)
+    for i in range(20):
+        cache.put(i, b"x" * 100)
+    assert cache.nbytes <= 1000 and cache.get(19) == b"x" * 100 and cache.get(0) is None
+    cache.put("heavy", b"x" * 200)  # more than an eighth of the bound: never kept
+    assert cache.get("heavy") is None and cache.get(19) is not None
+    cache.put(19, b"y" * 10)
+    assert cache.get(19) == b"y" * 10 and cache.nbytes <= 1000
 
 
 def test_ids_canonical_unique_and_consistent(data: SyntheticData, all_stages: dict[str, list[dict]]) -> None:
@@ -201,22 +240,22 @@ def test_write_call_ids(tmp_path, data: SyntheticData) -> None:
 # --------------------------------------------------------------------------- HTTP
 
 
-def test_pagination_matches_stages_for(box: Sandbox, client: httpx.Client, data: SyntheticData) -> None:
+def test_pagination_matches_stages_for(box: SandboxApp, client: httpx.Client, data: SyntheticData) -> None:
     many = [c for c in data.call_ids if len(data.stages_for(c)) >= 8][:3]
     few = [c for c in data.call_ids if 0 <= len(data.stages_for(c)) <= 2][:5]
     for cid in many + few:
         expected = data.stages_for(cid)
-        results, pages = _follow(client, f"{box.base_url}/api/calls/{cid}/stages", pageSize=3)
+        results, pages = _follow(client, f"{APP_URL}/api/calls/{cid}/stages", pageSize=3)
         assert results == expected
         assert all(p["total"] == len(expected) for p in pages)
         assert len(pages) == max(1, -(-len(expected) // 3))
         assert pages[0]["previous"] is None
         if len(pages) > 1:
-            assert pages[1]["previous"] and pages[0]["next"].startswith(f"{box.base_url}/api/calls/{cid}/stages?cursor=")
+            assert pages[1]["previous"] and pages[0]["next"].startswith(f"{APP_URL}/api/calls/{cid}/stages?cursor=")
             assert "pageSize=3" in pages[0]["next"]
     # Default page size 10 when pageSize is absent; the server caps it at max_page_size.
     cid = many[0]
-    assert len(client.get(f"{box.base_url}/api/calls/{cid}/stages").json()["results"]) == min(10, len(data.stages_for(cid)))
+    assert len(client.get(f"{APP_URL}/api/calls/{cid}/stages").json()["results"]) == min(10, len(data.stages_for(cid)))
     with _sandbox(n_calls=300, seed=0, max_page_size=2) as capped:
         cid = next(c for c in capped.data.call_ids if len(capped.data.stages_for(c)) >= 5)
         page = client.get(f"{capped.base_url}/api/calls/{cid}/stages", params={"pageSize": 100}).json()
@@ -224,29 +263,30 @@ def test_pagination_matches_stages_for(box: Sandbox, client: httpx.Client, data:
         assert _follow(client, f"{capped.base_url}/api/calls/{cid}/stages", pageSize=100)[0] == capped.data.stages_for(cid)
 
 
-def test_bad_cursor_is_400(box: Sandbox, client: httpx.Client, data: SyntheticData) -> None:
-    r = client.get(f"{box.base_url}/api/calls/{data.call_ids[0]}/stages", params={"cursor": "!!not-base64"})
+def test_bad_cursor_is_400(box: SandboxApp, client: httpx.Client, data: SyntheticData) -> None:
+    r = client.get(f"{APP_URL}/api/calls/{data.call_ids[0]}/stages", params={"cursor": "!!not-base64"})
     assert r.status_code == 400 and "detail" in r.json()
 
 
-def test_auth_401_403_and_no_auth(box: Sandbox, data: SyntheticData) -> None:
-    url = f"{box.base_url}/api/calls/{data.call_ids[0]}/stages"
-    missing = httpx.get(url)
-    assert missing.status_code == 401 and missing.json() == {"detail": "Authentication credentials were not provided."}
-    wrong = httpx.get(url, headers={"X-API-Key": "nope"})
-    assert wrong.status_code == 403 and wrong.json() == {"detail": "Invalid API key."}
-    for path in ("/api/calls", "/api/deleted_calls"):
-        assert httpx.get(box.base_url + path).status_code == 401
+def test_auth_401_403_and_no_auth(app: SandboxApp, data: SyntheticData) -> None:
+    url = f"{APP_URL}/api/calls/{data.call_ids[0]}/stages"
+    with _app_client(app) as bare:
+        missing = bare.get(url)
+        assert missing.status_code == 401 and missing.json() == {"detail": "Authentication credentials were not provided."}
+        wrong = bare.get(url, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 403 and wrong.json() == {"detail": "Invalid API key."}
+        for path in ("/api/calls", "/api/deleted_calls"):
+            assert bare.get(APP_URL + path).status_code == 401
     with _sandbox(n_calls=3, api_key=None) as open_box:
         assert httpx.get(f"{open_box.base_url}/api/calls/{open_box.data.call_ids[0]}/stages").status_code == 200
 
 
-def test_404s(box: Sandbox, client: httpx.Client, data: SyntheticData) -> None:
+def test_404s(box: SandboxApp, client: httpx.Client, data: SyntheticData) -> None:
     for cid in (str(uuid.uuid4()), "not-a-uuid", data.call_ids[0].upper(), data.deleted_call_ids[0]):
-        r = client.get(f"{box.base_url}/api/calls/{cid}/stages")
+        r = client.get(f"{APP_URL}/api/calls/{cid}/stages")
         assert r.status_code == 404 and r.json() == {"detail": "Not found."}, cid
     for path in ("/", "/api", "/api/calls/x/messages", "/api/calls/a/b/stages"):
-        r = client.get(box.base_url + path)
+        r = client.get(APP_URL + path)
         assert r.status_code == 404 and r.json()["detail"]
 
 
@@ -375,10 +415,10 @@ def test_next_base_url(client: httpx.Client) -> None:
 # --------------------------------------------------------------------------- other endpoints
 
 
-def test_calls_listing_dates_inclusive_and_sort(box: Sandbox, client: httpx.Client, data: SyntheticData) -> None:
+def test_calls_listing_dates_inclusive_and_sort(box: SandboxApp, client: httpx.Client, data: SyntheticData) -> None:
     calls = [data.call_for(c) for c in data.call_ids]
     day = sorted({_parse(c["created"]).date() for c in calls})[3]
-    url = f"{box.base_url}/api/calls"
+    url = f"{APP_URL}/api/calls"
     one_day, pages = _follow(client, url, fromDate=day.isoformat(), toDate=day.isoformat(), sort="created", pageSize=17)
     expected = sorted((c for c in calls if _parse(c["created"]).date() == day), key=lambda c: _parse(c["created"]))
     assert one_day == expected and pages[0]["total"] == len(expected) and len(pages) > 1
@@ -394,16 +434,16 @@ def test_calls_listing_dates_inclusive_and_sort(box: Sandbox, client: httpx.Clie
     assert client.get(url, params={"sort": "endReason"}).status_code == 400
 
 
-def test_deleted_calls(box: Sandbox, client: httpx.Client, data: SyntheticData) -> None:
-    results, pages = _follow(client, f"{box.base_url}/api/deleted_calls", pageSize=4)
+def test_deleted_calls(box: SandboxApp, client: httpx.Client, data: SyntheticData) -> None:
+    results, pages = _follow(client, f"{APP_URL}/api/deleted_calls", pageSize=4)
     assert [r["callId"] for r in results] == data.deleted_call_ids and pages[0]["total"] == len(data.deleted_call_ids)
     assert all(_parse(r["deleted"]).tzinfo is not None for r in results)
-    assert all(client.get(f"{box.base_url}/api/calls/{c}/stages").status_code == 404 for c in data.deleted_call_ids)
+    assert all(client.get(f"{APP_URL}/api/calls/{c}/stages").status_code == 404 for c in data.deleted_call_ids)
 
 
-def test_unicode_and_large_prompt_bytes_round_trip(box: Sandbox, client: httpx.Client, all_stages) -> None:
+def test_unicode_and_large_prompt_bytes_round_trip(box: SandboxApp, client: httpx.Client, all_stages) -> None:
     cid = max(all_stages, key=lambda c: max((len(s.get("systemPrompt") or "") for s in all_stages[c]), default=0))
-    r = client.get(f"{box.base_url}/api/calls/{cid}/stages", params={"pageSize": 50})
+    r = client.get(f"{APP_URL}/api/calls/{cid}/stages", params={"pageSize": 50})
     assert r.headers["content-type"].startswith("application/json")
     assert int(r.headers["content-length"]) == len(r.content) > 100_000
     assert r.json()["results"] == all_stages[cid]
@@ -441,7 +481,88 @@ def test_sandbox_process_serves_the_same_data_and_stops(client: httpx.Client) ->
         wrong = client.get(f"{box.base_url}/api/calls/{call_id}/stages", headers={"X-API-Key": "wrong"})
         assert wrong.status_code == 403
         url = box.base_url
-        process = box._proc
+        process = box.process
     assert process is not None and process.poll() is not None  # stopped on leaving
     with pytest.raises(httpx.TransportError):
         client.get(f"{url}/api/calls/{call_id}/stages")
+
+
+def _stages_url(data: SyntheticData, k: int = 0) -> str:
+    return f"{APP_URL}/api/calls/{data.call_ids[k]}/stages"
+
+
+def test_the_app_answers_sync_and_async_clients_without_a_socket(data: SyntheticData) -> None:
+    app = SandboxApp(data, SandboxOptions(api_key=KEY))
+    with httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY}) as sync:
+        page = sync.get(_stages_url(data, 1), params={"pageSize": 1}).json()
+    assert page["results"] == data.stages_for(data.call_ids[1])[:1]
+
+    async def fetch_all() -> list[int]:
+        transport = httpx.MockTransport(app.handler)
+        async with httpx.AsyncClient(transport=transport, headers={"X-API-Key": KEY}) as client:
+            answers = await asyncio.gather(*(client.get(_stages_url(data, k)) for k in range(20)))
+        return [r.status_code for r in answers]
+
+    assert asyncio.run(fetch_all()) == [200] * 20
+    assert app.stats.requests == 21 and app.stats.by_status == {200: 21} and app.stats.in_flight == 0
+    assert app.stats.received_headers[-1]["x-api-key"] == KEY
+    assert app.stats.stage_requests == 21
+
+
+def test_socket_faults_are_emulated_in_process() -> None:
+    data = SyntheticData(n_calls=3, seed=1)
+
+    def client_for(kind: str) -> httpx.Client:
+        app = SandboxApp(data, SandboxOptions(api_key=KEY, fault_rate=1.0, faults=(kind,)))
+        return httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY})
+
+    with client_for("reset") as c, pytest.raises(httpx.ReadError):
+        c.get(_stages_url(data))
+    with client_for("truncated") as c, pytest.raises(httpx.RemoteProtocolError):
+        c.get(_stages_url(data))
+    with client_for("invalid_json") as c:
+        first, second = c.get(_stages_url(data)), c.get(_stages_url(data))
+    assert first.status_code == second.status_code == 200
+    assert first.content != second.content  # a proxy page with a new request id: worth retrying
+    for answer in (first, second):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(answer.content)
+
+
+def test_slow_bodies_arrive_whole_and_in_single_bytes_in_process() -> None:
+    data = SyntheticData(n_calls=40, seed=2)
+    cid = next(c for c in data.call_ids if data.stage_count(c))
+    app = SandboxApp(data, SandboxOptions(api_key=KEY, hostile_calls={cid: "slow_body"}, slow_body_interval=0.0))
+    with httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY}) as c:
+        with c.stream("GET", f"{APP_URL}/api/calls/{cid}/stages", params={"pageSize": 1}) as r:
+            chunks = list(r.iter_raw())
+    assert len(chunks) > 100 and {len(chunk) for chunk in chunks} == {1}
+    assert json.loads(b"".join(chunks))["results"][0]["callStageId"] == data.stage_ids_for(cid)[0]
+
+
+def test_a_raising_page_hook_is_a_500_in_process(data: SyntheticData) -> None:
+    def hook(call_id: str, page_index: int, body: dict) -> object:
+        raise RuntimeError("hook bug")
+
+    app = SandboxApp(data, SandboxOptions(api_key=KEY, page_hook=hook))
+    with httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY}) as c:
+        r = c.get(_stages_url(data))
+    assert r.status_code == 500 and r.json() == {"detail": "A server error occurred."}
+    assert app.stats.by_status == {500: 1}
+
+
+def test_listed_before_hides_calls_not_created_yet_and_mark_deleted_lists_them() -> None:
+    data = SyntheticData(n_calls=50, seed=3)
+    ordered = sorted(data.call_ids, key=data.created_of)
+    data.listed_before = data.created_of(ordered[40])
+    app = SandboxApp(data, SandboxOptions(api_key=KEY))
+    with httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY}) as c:
+        listed = c.get(f"{APP_URL}/api/calls", params={"pageSize": 50, "sort": "created"}).json()
+        assert [call["callId"] for call in listed["results"]] == ordered[:40]
+        data.listed_before = None
+        assert c.get(f"{APP_URL}/api/calls", params={"pageSize": 50}).json()["total"] == 50
+        data.mark_deleted(ordered[0], "2025-06-20T00:00:00Z")
+        data.mark_deleted(ordered[0], "2025-06-21T00:00:00Z")
+        gone = c.get(f"{APP_URL}/api/deleted_calls", params={"pageSize": 50}).json()["results"]
+    assert gone.count({"callId": ordered[0], "deleted": "2025-06-21T00:00:00Z"}) == 1
+    assert data.has_call(ordered[0])  # deleted upstream after it was loaded: still served

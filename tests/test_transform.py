@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.redact import REDACTED, redact_stage
-from pipeline.transform import _PROMPT_SENTINEL, _VOICE_SENTINELS, SPLICE_MIN_CHARS, parse_rfc3339, transform_calls
+from pipeline.transform import parse_rfc3339, transform_calls
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CALL = "5b0f3c9e-2d4a-4e8b-9c1f-7a6d5e4c3b2a"
@@ -287,6 +287,9 @@ def big_prompt(size: int = 100_000) -> str:
     return (PROMPT_SPICE * (size // len(PROMPT_SPICE) + 1))[:size]
 
 
+VOICE_LOOKALIKE = '"externalVoice":{"generic":{"apiKey":"sk-x"}}'
+
+
 def test_100kb_prompt_survives_exactly_in_both_columns() -> None:
     prompt = big_prompt()
     stage = simple_stage(uid(1), 1, systemPrompt=prompt, externalVoice={
@@ -302,15 +305,14 @@ def test_100kb_prompt_survives_exactly_in_both_columns() -> None:
 @pytest.mark.parametrize("prompt", [
     "",
     "short",
-    "x" * (SPLICE_MIN_CHARS - 1),
-    "y" * SPLICE_MIN_CHARS,
+    "x" * 255,
     big_prompt(5_000),
-    # The placeholders used while encoding, in the prompt and elsewhere: still exact.
-    _PROMPT_SENTINEL * 20,
-    _PROMPT_SENTINEL,
-    _VOICE_SENTINELS["externalVoice"] * 30,
+    # Text that looks like JSON, escapes or voices, in the prompt and elsewhere: still exact.
+    VOICE_LOOKALIKE * 20,
+    "\x00\\u0065\\\"",
+    "é\u2028\u0000",
 ])
-@pytest.mark.parametrize("elsewhere", [None, _PROMPT_SENTINEL, _VOICE_SENTINELS["externalVoice"]])
+@pytest.mark.parametrize("elsewhere", [None, VOICE_LOOKALIKE, "\\u0065"])
 def test_raw_round_trips_for_any_prompt(prompt: str, elsewhere: str | None) -> None:
     stage = simple_stage(uid(1), 1, systemPrompt=prompt, initialState={"x": elsewhere},
                          externalVoice={"lmnt": {"voiceId": elsewhere or "lily"}},
@@ -364,7 +366,7 @@ FAILURES = [
     ("no call id", lambda: {k: v for k, v in _bad().items() if k != "callId"}, "has no callId"),
     ("no stage id", lambda: {k: v for k, v in _bad().items() if k != "callStageId"}, "has no callStageId"),
     ("stage id not uuid", lambda: _bad(callStageId="stage-1"), "callStageId is not a UUID"),
-    ("stage id number", lambda: _bad(callStageId=12), "has no callStageId"),
+    ("stage id number", lambda: _bad(callStageId=12), "callStageId is an integer"),
     ("no created", lambda: {k: v for k, v in _bad().items() if k != "created"}, "created is missing"),
     ("created garbage", lambda: _bad(created="yesterday"), "not an RFC 3339 timestamp"),
     ("created no offset", lambda: _bad(created="2026-11-20T10:00:00"), "not an RFC 3339 timestamp"),
@@ -390,7 +392,19 @@ FAILURES = [
     ("override string", lambda: _bad(voiceOverrides="lmnt"), "voiceOverrides is a string"),
     ("speed string", lambda: _bad(externalVoice={"lmnt": {"speed": "fast"}}), "externalVoice.lmnt.speed"),
     ("nan", lambda: _bad(initialState={"x": float("nan")}), "NaN"),
+    ("infinity in a voice", lambda: _bad(externalVoice={"lmnt": {"speed": float("inf")}}), "NaN or Infinity"),
+    ("deep state", lambda: _bad(initialState=_nested(5_000)), "nested too deeply"),
+    ("deep voice", lambda: _bad(externalVoice={"lmnt": {"x": _nested(5_000)}}), "nested too deeply"),
+    ("not json", lambda: _bad(initialState={"x": {1, 2}}), "could not be flattened (TypeError)"),
+    ("huge int temperature", lambda: _bad(temperature=10**400), "out of the DOUBLE range"),
 ]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = {"apiKey": "sk-live-deep"}
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize("kind, make, reason", FAILURES, ids=[f[0] for f in FAILURES])
@@ -543,3 +557,91 @@ def test_stages_that_are_not_a_list_fail_the_call():
     a = "11111111-1111-4111-8111-111111111111"
     result = transform_calls([(a, None), (a.replace("1", "4"), {"x": 1})], "run", datetime.now(timezone.utc))
     assert set(result.failures) == {a, a.replace("1", "4")}
+
+
+# --------------------------------------------------------------------------- any exception, one call
+
+
+def test_any_exception_while_flattening_fails_only_that_call(monkeypatch) -> None:
+    import pipeline.transform as transform
+
+    real = transform._voice_columns
+
+    def explode(api_field: str, voice: dict[str, Any]):
+        if "boom" in voice:
+            raise ZeroDivisionError("TOP SECRET PROMPT sk-live-123")
+        return real(api_field, voice)
+
+    monkeypatch.setattr(transform, "_voice_columns", explode)
+    calls = [(uid(1), [simple_stage(uid(1), 1)]), (uid(2), [simple_stage(uid(2), 2, externalVoice={"boom": {}})]),
+             (uid(3), [simple_stage(uid(3), 3)])]
+    result = transform_calls(calls, RUN, NOW)
+    assert result.failures == {uid(2): f"stage {uid(10_002)}: could not be flattened (ZeroDivisionError)"}
+    assert result.tables["call_stages"]["call_id"].to_pylist() == [uid(1), uid(3)]
+
+
+def test_a_bulk_step_failing_is_retried_call_by_call(monkeypatch) -> None:
+    import pipeline.transform as transform
+
+    real = transform._json_column
+
+    def fragile(values):
+        if any(b"poison" in value for value in values if value):
+            raise OverflowError("sk-live-123 TOP SECRET")
+        return real(values)
+
+    monkeypatch.setattr(transform, "_json_column", fragile)
+    calls = [(uid(n), [simple_stage(uid(n), n, model="poison" if n == 2 else "m")]) for n in range(1, 5)]
+    result = transform_calls(calls, RUN, NOW)
+    assert result.failures == {uid(2): "holds a number out of range"}
+    assert result.stage_counts == {uid(1): 1, uid(3): 1, uid(4): 1}
+    for name, table in result.tables.items():
+        assert sorted(set(table["call_id"].to_pylist())) == [uid(1), uid(3), uid(4)], name
+        assert table.schema == transform._DATA_TABLES[[t.name for t in transform._DATA_TABLES].index(name)].arrow_schema
+
+
+def test_lone_surrogates_in_every_string_column() -> None:
+    bad = json.loads('"x\\udc00y"')
+    stage = simple_stage(
+        uid(1), 1, model=bad, systemPrompt=bad * 200, languageHint=bad, voice=bad, timeExceededMessage=bad,
+        inactivityMessages=[{"duration": "1s", "message": bad, "endBehavior": bad}],
+        externalVoice={bad: {"voiceId": bad, "model": bad, "headers": {bad: bad}}},
+        voiceOverrides={"lmnt": {"voiceId": bad}}, initialState={bad: bad}, **{bad: bad},
+    )
+    result = transform_calls([(uid(1), [stage]), (uid(2), [simple_stage(uid(2), 2)])], RUN, NOW)
+    assert result.failures == {}
+    for name, table in result.tables.items():
+        text = json.dumps(table.to_pylist(), default=str, ensure_ascii=False)
+        text.encode()  # valid UTF-8 everywhere
+        assert "x\ufffdy" in text, name
+    raw = json.loads(result.tables["call_stages"]["raw"][0].as_py())
+    assert raw["x\ufffdy"] == "x\ufffdy" and raw["externalVoice"]["x\ufffdy"]["headers"] == {"x\ufffdy": REDACTED}
+
+
+NESTED_SECRET = "sk-live-nested-9911"
+
+
+@pytest.mark.parametrize("fields", [
+    {"initialState": {"externalVoice": {"generic": {"headers": {"Authorization": NESTED_SECRET}}}}},
+    {"experimentalSettings": {"x": [{"voice_overrides": {"someTts": {"apiKey": NESTED_SECRET}}}]}},
+    {"ExternalVoice": {"generic": {"HEADERS": {"X-Key": NESTED_SECRET}}}},
+    {"voiceOverrides": {"headers": {"Authorization": NESTED_SECRET}}},
+    {"externalVoice": {"apiKey": NESTED_SECRET}},
+    {"externalVoice": {"generic": {"request": {"Headers": {"A": NESTED_SECRET}}, "privateKeyPem": NESTED_SECRET}}},
+    {"externalVoice": {"generic": {"nested": {"externalVoice": NESTED_SECRET}}}},
+])
+def test_voices_anywhere_in_a_stage_are_redacted_everywhere(fields: dict[str, Any]) -> None:
+    stage = simple_stage(uid(1), 1, **fields)
+    result = transform_calls([(uid(1), [stage])], RUN, NOW)
+    assert result.failures == {}
+    for name, table in result.tables.items():
+        assert NESTED_SECRET not in json.dumps(table.to_pylist(), default=str), name
+    [row] = rows(result.tables["call_stages"])
+    assert json.loads(row["raw"]) == redact_stage(stage)
+    assert json.loads(row["initial_state"]) == redact_stage(stage)["initialState"]
+
+
+def test_a_prompt_naming_a_voice_changes_nothing() -> None:
+    stage = simple_stage(uid(1), 1, systemPrompt='Set "externalVoice" and voice_overrides.', initialState={"a": 1})
+    [row] = rows(transform_calls([(uid(1), [stage])], RUN, NOW).tables["call_stages"])
+    assert json.loads(row["raw"]) == stage

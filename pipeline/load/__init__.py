@@ -6,8 +6,22 @@ Both outputs implement :class:`Warehouse`. The contract every implementation kee
   status is ``loaded`` or ``not_found``, the call's previous rows in the three data
   tables are removed and the rows in ``tables`` inserted; ``failed`` calls keep their
   previous rows. etl_calls is upserted in the same commit (attempts + 1).
-* After any sequence of runs and crashes, primary keys are unique.
-* One writer at a time (``OutputLock``); ``open`` refuses an output that is not ours.
+* After any sequence of runs and crashes, primary keys are unique. A stage id belongs
+  to one call: a call bringing a stage id the warehouse stores under another call
+  (one not replaced in the same batch) is committed ``failed`` with "stage <id> is
+  already owned by call <id>" and none of its rows; ``commit_calls`` returns the
+  outcomes as committed.
+* One writer at a time (``OutputLock``); ``open`` refuses an output that is not ours,
+  or a path where nothing can be written (``OutputError``, exit 2). Holding the lock,
+  it marks every run still ``running`` as ``crashed`` (its writer is dead; its
+  ``finished_at`` stays NULL) and publishes the live state in the lock file, which
+  ``publish(run)`` refreshes for ``status`` in other processes.
+* Storage failures (disk full, permission denied, read-only file system, DuckDB
+  I/O, transaction and memory errors) raise one ``WarehouseError`` (exit 4) naming
+  the first cause; after it the warehouse refuses further writes with that cause.
+
+A backend implements the abstract methods, sets ``self._lock`` and calls
+``_after_open()`` at the end of ``open``.
 
 Write-behind (``write_behind=True``, used by ``replay``): ``commit_calls`` returns as
 soon as the batch is handed to one background committer thread (at most one batch in
@@ -22,32 +36,65 @@ before it: none of its calls is recorded, so they are read (or fetched) again.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import contextlib
+import errno
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-import duckdb
+# Not bare `duckdb`: the submodule pipeline.load.duckdb takes that name in this namespace.
+import duckdb as duckdb_lib
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema
-from pipeline.records import CallOutcome, RunRecord
+from pipeline.errors import OutputError, StagesError, WarehouseError
+from pipeline.lock import OutputLock
+from pipeline.records import CallOutcome, RunRecord, rfc3339
+
+
+#: Failures of the storage itself (disk full, permissions, memory, an invalidated
+#: database); anything else (e.g. a constraint violation) is a bug and stays itself.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    duckdb_lib.IOException,
+    duckdb_lib.TransactionException,
+    duckdb_lib.OutOfMemoryException,
+    duckdb_lib.FatalException,
+    duckdb_lib.PermissionException,
+)
 
 
 class Warehouse(abc.ABC):
-    format: str = ""
+    """Base of every output. A backend implements the abstract methods below and sets
+    ``self._lock`` (an :class:`OutputLock`) in ``__init__``; ``open``/``close`` of the
+    backend call :meth:`_after_open` once the lock is held and the tables exist."""
 
-    def __init__(self, path: Path, wait_for_lock: bool = False, write_behind: bool = False):
+    format: str = ""
+    _lock: OutputLock
+
+    def __init__(
+        self, path: Path, wait_for_lock: bool = False, write_behind: bool = False, wait_seconds: float | None = None
+    ):
         self.path = path
         self.wait_for_lock = wait_for_lock
+        self.wait_seconds = wait_seconds
         self.write_behind = write_behind
         self._committer: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        #: The first write failure: later failures (a rollback, the final save_run) report it, not themselves.
+        self._failure: WarehouseError | None = None
+        self._last_finished: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def open(self) -> None:
-        """Validate the output, take the writer lock, create tables, heal leftovers."""
+        """Validate the output, take the writer lock, create tables, heal leftovers,
+        then call :meth:`_after_open`."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -60,18 +107,108 @@ class Warehouse(abc.ABC):
     def save_run(self, run: RunRecord) -> None:
         """Insert or update the etl_runs row of ``run``."""
 
-    def commit_calls(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
-        """Commit one batch atomically (see the module docstring), maybe write-behind."""
+    @abc.abstractmethod
+    def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
+        """Stored call_stages rows whose call_stage_id is in ``stage_ids`` (lowercase
+        strings): columns ``call_stage_id`` and ``call_id``, both lowercase strings."""
+
+    @abc.abstractmethod
+    def _mark_crashed_runs(self) -> None:
+        """Set status 'crashed' on every etl_runs row still 'running' (lock held: their writer is dead)."""
+
+    @abc.abstractmethod
+    def _last_finished_run(self) -> dict[str, Any] | None:
+        """``{"run_id", "status", "finished_at"}`` of the most recent run (by started_at), or None."""
+
+    def _after_open(self) -> None:
+        """Common end of ``open``: dead runs become crashed, the live state is published."""
+        with self._writing():
+            self._mark_crashed_runs()
+        self._last_finished = self._last_finished_run()
+        self.publish(None)
+
+    def publish(self, run: RunRecord | None) -> None:
+        """Publish the live state (run in progress, its counts, the last finished run)
+        for ``status`` in another process; cheap, atomic for readers."""
+        last = self._last_finished
+        if last is not None and isinstance(last.get("finished_at"), datetime):
+            last = last | {"finished_at": rfc3339(last["finished_at"])}
+        state: dict[str, Any] = {"format": self.format, "last_finished": last, "run": None}
+        if run is not None:
+            state["run"] = {
+                "run_id": run.run_id,
+                "started_at": rfc3339(run.started_at),
+                "status": run.status,
+                "calls_requested": run.calls_requested,
+                "calls_loaded": run.calls_loaded,
+                "calls_not_found": run.calls_not_found,
+                "calls_failed": run.calls_failed,
+                "stages_loaded": run.stages_loaded,
+            }
+        try:
+            self._lock.publish(state)
+        except OSError as exc:
+            raise self._write_failure(exc) from exc
+
+    def commit_calls(
+        self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str
+    ) -> list[CallOutcome]:
+        """Commit one batch atomically (see the module docstring), maybe write-behind.
+
+        Returns the outcomes as committed: a call holding a stage id that the warehouse
+        already stores under another call (one not replaced by this batch) is turned
+        ``failed`` and its rows are dropped; the owner keeps its stage.
+        """
         if not outcomes:
-            return
+            return []
         self._settle()
+        with self._writing():
+            tables, outcomes = self._claim_stages(tables, outcomes)
         if not self.write_behind:
-            self._commit_batch(tables, outcomes, run_id)
-            return
+            self._commit_translated(tables, outcomes, run_id)
+            return outcomes
         if self._committer is None:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.format}-commit")
         # Copies: the caller may reuse its containers (Arrow tables are immutable).
-        self._pending = self._committer.submit(self._commit_batch, dict(tables), list(outcomes), run_id)
+        self._pending = self._committer.submit(self._commit_translated, dict(tables), list(outcomes), run_id)
+        return outcomes
+
+    def _commit_translated(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
+        with self._writing():
+            self._commit_batch(tables, outcomes, run_id)
+
+    def _claim_stages(
+        self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome]
+    ) -> tuple[Mapping[str, pa.Table], list[CallOutcome]]:
+        """One anti-join of the batch's stage ids against the stored ones (settled)."""
+        stages = tables.get(schema.CALL_STAGES.name)
+        if stages is None or not stages.num_rows:
+            return tables, list(outcomes)
+        stage_ids = pc.utf8_lower(stages["call_stage_id"].combine_chunks().cast(pa.string()))
+        owners = self._stored_stage_owners(stage_ids)
+        if not owners.num_rows:
+            return tables, list(outcomes)
+        replaced = {_normal_id(o.call_id) for o in outcomes if o.status != "failed"}
+        stored = dict(zip(owners["call_stage_id"].to_pylist(), owners["call_id"].to_pylist(), strict=True))
+        losers: dict[str, str] = {}
+        for stage_id, call_id in zip(stage_ids.to_pylist(), pc.utf8_lower(stages["call_id"].cast(pa.string())).to_pylist(), strict=True):
+            owner = stored.get(stage_id)
+            if owner is not None and owner != call_id and owner not in replaced and call_id not in losers:
+                losers[call_id] = f"stage {stage_id} is already owned by call {owner}"
+        if not losers:
+            return tables, list(outcomes)
+        drop = pa.array(list(losers), pa.string())
+        kept = {
+            name: rows.filter(pc.invert(pc.is_in(pc.utf8_lower(rows["call_id"].cast(pa.string())), value_set=drop)))
+            for name, rows in tables.items()
+        }
+        committed = [
+            CallOutcome(o.call_id, "failed", None, losers[_normal_id(o.call_id)], o.attempted_at)
+            if _normal_id(o.call_id) in losers
+            else o
+            for o in outcomes
+        ]
+        return kept, committed
 
     @abc.abstractmethod
     def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
@@ -91,6 +228,25 @@ class Warehouse(abc.ABC):
             if self._committer is not None:
                 self._committer.shutdown(wait=True)
                 self._committer = None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every write: storage failures become one WarehouseError naming the
+        real cause; after a first failure the warehouse refuses further writes with
+        that first cause (a half-failed commit leaves nothing worth writing on top)."""
+        if self._failure is not None:
+            raise WarehouseError(str(self._failure))
+        try:
+            yield
+        except StagesError:
+            raise
+        except STORAGE_ERRORS as exc:
+            raise self._write_failure(exc) from exc
+
+    def _write_failure(self, exc: BaseException) -> WarehouseError:
+        if self._failure is None:
+            self._failure = WarehouseError(f"cannot write to {self.path}: {describe_failure(exc)}")
+        return WarehouseError(str(self._failure))
 
     @abc.abstractmethod
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
@@ -115,6 +271,61 @@ class Warehouse(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _normal_id(call_id: str) -> str:
+    try:
+        return str(uuid.UUID(call_id.strip()))
+    except (ValueError, AttributeError):
+        return call_id
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line naming the real cause of a storage failure (errno text first)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{os.strerror(exc.errno)}{where}"
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        cause = os.strerror(code)
+        if cause.lower() in str(exc).lower() and cause.lower() not in line.lower():
+            return f"{cause}: {line}"
+    return line
+
+
+def open_failure(path: Path, what: str, exc: BaseException) -> StagesError:
+    """A failure while opening: a full disk is a write failure (exit 4), anything else
+    means the output is unusable (exit 2)."""
+    cause = describe_failure(exc)
+    if os.strerror(errno.ENOSPC).lower() in str(exc).lower() or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return WarehouseError(f"cannot write to {path}: {cause}")
+    return OutputError(f"cannot open {what} {path}: {cause}")
+
+
+def _is_remote(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def check_local_output(path: Path, kind: str) -> None:
+    """Refuse, at open, a path that cannot hold ``kind``: a file as an ancestor, a
+    read-only or not writable location. (Existing-output checks are the backend's.)"""
+    folder = path.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"--output {path}: {folder} is a file, not a folder; choose another --output")
+    for target in [folder, path] if path.exists() else [folder]:
+        if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
+            reason = "read-only file system" if _read_only_fs(target) else "permission denied"
+            raise OutputError(f"--output {path}: cannot write the {kind} there ({reason}); choose another --output")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def outcomes_table(outcomes: Sequence[CallOutcome], run_id: str) -> pa.Table:
@@ -161,24 +372,53 @@ LEFT JOIN previous p ON p.call_id = o.call_id::UUID
 
 
 def open_warehouse(
-    fmt: str, path: Path, wait_for_lock: bool = False, memory_limit: str = "96MB", write_behind: bool = False
+    fmt: str,
+    location: str | Path,
+    wait_for_lock: bool = False,
+    memory_limit: str = "96MB",
+    write_behind: bool = False,
+    wait_seconds: float | None = None,
 ) -> Warehouse:
-    if fmt == "duckdb":
-        from pipeline.load.duckdb import DuckDBWarehouse
-
-        return DuckDBWarehouse(path, wait_for_lock, memory_limit, write_behind)
-    if fmt == "parquet":
-        from pipeline.load.parquet import ParquetWarehouse
-
-        return ParquetWarehouse(path, wait_for_lock, write_behind)
+    """The warehouse for ``fmt`` at ``location`` (not opened yet). Object-store URLs
+    (``s3://…``) are for Delta only."""
     if fmt == "delta":
         from pipeline.load.delta import DeltaWarehouse
 
-        return DeltaWarehouse(path, wait_for_lock, write_behind)
+        return DeltaWarehouse(location, wait_for_lock, write_behind, wait_seconds)  # type: ignore[arg-type]
+    if _is_remote(location):
+        what = "the Parquet folder" if fmt == "parquet" else "the DuckDB file"
+        raise OutputError(f"--output {location}: {what} needs a local disk; use --format delta for object storage")
+    path = Path(location)
+    if fmt == "duckdb":
+        from pipeline.load.duckdb import DuckDBWarehouse
+
+        return DuckDBWarehouse(path, wait_for_lock, memory_limit, write_behind, wait_seconds)
+    if fmt == "parquet":
+        from pipeline.load.parquet import ParquetWarehouse
+
+        return ParquetWarehouse(path, wait_for_lock, write_behind, wait_seconds)
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def query_connection(fmt: str, path: Path) -> duckdb.DuckDBPyConnection:
+def lock_file(fmt: str, location: str | Path) -> Path | None:
+    """Where the writer lock (and its live state document) of an output lives."""
+    if fmt == "duckdb":
+        from pipeline.load.duckdb import lock_path
+
+        return lock_path(Path(location))
+    if fmt == "parquet":
+        from pipeline.load.parquet import lock_path as parquet_lock_path
+
+        return parquet_lock_path(Path(location))
+    if fmt == "delta":
+        from pipeline.load import delta
+
+        finder = getattr(delta, "lock_path", None)
+        return finder(location) if finder is not None else None
+    return None
+
+
+def query_connection(fmt: str, path: Path) -> duckdb_lib.DuckDBPyConnection:
     """A read-only DuckDB connection exposing the tables by name (reports, status)."""
     if fmt == "duckdb":
         from pipeline.load.duckdb import connect_read_only

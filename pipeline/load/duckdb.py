@@ -1,19 +1,41 @@
-"""DuckDB output: one file, tables from schema.py, one transaction per batch of calls."""
+"""DuckDB output: one file, tables from schema.py, one transaction per batch of calls.
+
+Memory: the connection's ``memory_limit`` (``duckdb_memory_limit``) bounds the buffer
+pool, and DuckDB spills to ``<output>.tmp/`` (removed at close when empty). A batch
+is held in memory whole while it is inserted and logged, which spilling cannot help,
+so before a commit the limit is raised to :data:`BATCH_MEMORY_FACTOR` times the
+batch's Arrow bytes when that is more, and set back after: a batch the tool built
+(even one call with a huge prompt) never fails for memory.
+
+Compatibility: a new file is created with storage version :data:`STORAGE_VERSION`,
+so DuckDB 1.x readers (CLI, other languages) open it; newer DuckDB reads it too.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, deleted_table, outcomes_table
-from pipeline.lock import OutputLock
+from pipeline.load import (
+    MERGE_ETL_CALLS_SQL,
+    STORAGE_ERRORS,
+    Warehouse,
+    check_local_output,
+    deleted_table,
+    open_failure,
+    outcomes_table,
+)
+from pipeline.lock import OutputLock, read_lock
 from pipeline.records import CallOutcome, RunRecord
 
 _MAGIC_OFFSET, _MAGIC = 8, b"DUCK"
@@ -23,12 +45,63 @@ _MAGIC_OFFSET, _MAGIC = 8, b"DUCK"
 #: two (quadratic: a 100,000-stage replay spent 30 s in commits). Commits append to
 #: the WAL; the checkpoint happens once this much has piled up, and at close.
 CHECKPOINT_THRESHOLD = "1GB"
+#: Long strings (over PINNED_STRING_BYTES, e.g. 100 KB prompts) committed but not yet
+#: checkpointed stay in DuckDB's memory and cannot be spilled: a checkpoint is forced
+#: once those committed since the last one pass this share of the memory limit. Other
+#: data spills, and checkpoints stay rare (each one rewrites the tables' last row group).
+UNFLUSHED_SHARE = 0.5
+#: Below the size from which DuckDB pins a string in memory until a checkpoint.
+PINNED_STRING_BYTES = 32 << 10
+#: Storage format of new files: the oldest DuckDB this project supports (duckdb>=1.2),
+#: so every 1.x reader from 1.2 on opens the file (DuckDB 2 writes a format 1.x refuses).
+STORAGE_VERSION = "v1.2.0"
+#: A commit needs about this many times the batch's Arrow bytes of non-spillable memory
+#: (the rows, their copy in DuckDB's vectors and the write-ahead log buffer).
+BATCH_MEMORY_FACTOR = 4
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """DuckDB's size syntax ('96MB', '1.5GiB', '500 KB'); MB is 10^6 bytes, as in DuckDB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 256MB or 1GB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def batch_memory(base: int, batch_bytes: int) -> int:
+    """The memory limit a commit of ``batch_bytes`` (Arrow) needs."""
+    return max(base, BATCH_MEMORY_FACTOR * batch_bytes)
+
+
+def pinned_bytes(tables: Mapping[str, pa.Table]) -> int:
+    """Bytes of the strings DuckDB keeps in memory until a checkpoint."""
+    total = 0
+    for table in tables.values():
+        for column in table.columns:
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                lengths = pc.binary_length(column)
+                long = pc.filter(lengths, pc.greater_equal(lengths, PINNED_STRING_BYTES))
+                total += pc.sum(long).as_py() or 0
+    return total
+
+
+def temp_path(path: Path) -> Path:
+    """Where DuckDB spills (DuckDB's own default for a file, made explicit)."""
+    return path.with_name(path.name + ".tmp")
 
 
 def check_is_duckdb_file(path: Path) -> None:
-    """Refuse to touch a file that exists and is not a DuckDB database."""
+    """Refuse to touch a file that exists and is not a DuckDB database, or a path
+    where no DuckDB file can be written."""
     if path.is_dir():
         raise OutputError(f"--output {path} is a folder, not a DuckDB file (use --format parquet for folders)")
+    check_local_output(path, "DuckDB file")
+    check_is_duckdb_file_header(path)
+
+
+def check_is_duckdb_file_header(path: Path) -> None:
     if path.exists() and path.stat().st_size > 0:
         with path.open("rb") as fh:
             head = fh.read(_MAGIC_OFFSET + len(_MAGIC))
@@ -49,12 +122,20 @@ class DuckDBWarehouse(Warehouse):
     format = "duckdb"
 
     def __init__(
-        self, path: Path, wait_for_lock: bool = False, memory_limit: str = "96MB", write_behind: bool = False
+        self,
+        path: Path,
+        wait_for_lock: bool = False,
+        memory_limit: str = "96MB",
+        write_behind: bool = False,
+        wait_seconds: float | None = None,
     ):
-        super().__init__(path, wait_for_lock, write_behind)
+        super().__init__(path, wait_for_lock, write_behind, wait_seconds)
         self.memory_limit = memory_limit
-        self._lock = OutputLock(lock_path(path), wait=wait_for_lock)
+        self._base_memory = parse_bytes(memory_limit)
+        self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
         self._con: duckdb.DuckDBPyConnection | None = None
+        #: Arrow bytes committed since the last checkpoint (their long strings stay in memory until one).
+        self._unflushed = 0
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -65,24 +146,49 @@ class DuckDBWarehouse(Warehouse):
         check_is_duckdb_file(self.path)
         self._lock.acquire()
         try:
+            self._connect()
+            self._after_open()
+        except BaseException:
+            self._close_connection()
+            self._lock.release()
+            raise
+
+    def _connect(self) -> None:
+        # Bounded memory whatever the input size: DuckDB would otherwise let its
+        # buffer pool grow towards 80% of RAM during a long replay.
+        config = {
+            "memory_limit": self.memory_limit,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            "temp_directory": str(temp_path(self.path)),
+            # Applies to a new file only; an existing file keeps the format it has.
+            "storage_compatibility_version": STORAGE_VERSION,
+        }
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Bounded memory whatever the input size: DuckDB would otherwise let its
-            # buffer pool grow towards 80% of RAM during a long replay.
-            config = {"memory_limit": self.memory_limit, "checkpoint_threshold": CHECKPOINT_THRESHOLD}
             self._con = duckdb.connect(str(self.path), config=config)
             create_tables(self._con)
-        except duckdb.Error as exc:
-            self._lock.release()
-            raise OutputError(f"cannot open DuckDB file {self.path}: {exc}") from exc
+        except (duckdb.Error, OSError) as exc:
+            raise open_failure(self.path, "DuckDB file", exc) from exc
 
     def close(self) -> None:
         try:
             self._stop_committer()
         finally:
-            if self._con is not None:
-                self._con.close()
-                self._con = None
-            self._lock.release()
+            try:
+                self._close_connection()
+            except STORAGE_ERRORS as exc:  # the closing checkpoint writes too
+                raise self._write_failure(exc) from exc
+            finally:
+                self._lock.release()
+
+    def _close_connection(self) -> None:
+        con, self._con = self._con, None
+        if con is None:
+            return
+        try:
+            con.close()
+        finally:
+            _remove_empty_dir(temp_path(self.path))
 
     def call_statuses(self) -> dict[str, str]:
         self._settle()
@@ -95,10 +201,37 @@ class DuckDBWarehouse(Warehouse):
         row["options"] = json.dumps(row["options"], sort_keys=True)
         cols = schema.ETL_RUNS.column_names
         placeholders = ", ".join("?" for _ in cols)
-        self.con.execute(
-            f"INSERT OR REPLACE INTO etl_runs ({', '.join(cols)}) VALUES ({placeholders})",
-            [row[c] for c in cols],
-        )
+        with self._writing():
+            self.con.execute(
+                f"INSERT OR REPLACE INTO etl_runs ({', '.join(cols)}) VALUES ({placeholders})",
+                [row[c] for c in cols],
+            )
+
+    def _mark_crashed_runs(self) -> None:
+        self.con.execute("UPDATE etl_runs SET status = 'crashed' WHERE status = 'running'")
+
+    def _last_finished_run(self) -> dict[str, Any] | None:
+        rows = self.con.execute(
+            "SELECT run_id, status, finished_at FROM etl_runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchall()
+        if not rows:
+            return None
+        run_id, status, finished_at = rows[0]
+        return {"run_id": run_id, "status": status, "finished_at": finished_at}
+
+    def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
+        con = self.con
+        if not con.execute("SELECT EXISTS (SELECT 1 FROM call_stages)").fetchall()[0][0]:
+            return pa.table({"call_stage_id": pa.array([], pa.string()), "call_id": pa.array([], pa.string())})
+        con.register("batch_stage_ids", pa.table({"id": stage_ids}))
+        try:
+            rel = con.sql(
+                "SELECT s.call_stage_id::VARCHAR AS call_stage_id, s.call_id::VARCHAR AS call_id "
+                "FROM call_stages s SEMI JOIN batch_stage_ids b ON s.call_stage_id = b.id::UUID"
+            )
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+        finally:
+            con.unregister("batch_stage_ids")
 
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
         if not rows.num_rows:
@@ -106,7 +239,8 @@ class DuckDBWarehouse(Warehouse):
         self._settle()
         self.con.register("upsert_rows", rows)
         try:
-            self.con.execute(f"INSERT OR REPLACE INTO {table.name} BY NAME SELECT * FROM upsert_rows")
+            with self._writing():
+                self.con.execute(f"INSERT OR REPLACE INTO {table.name} BY NAME SELECT * FROM upsert_rows")
         finally:
             self.con.unregister("upsert_rows")
 
@@ -119,14 +253,33 @@ class DuckDBWarehouse(Warehouse):
         self._settle()
         self.con.register("deleted_calls", deleted_table(deleted))
         try:
-            self.con.execute(
-                "UPDATE calls SET deleted_at = d.deleted_at FROM deleted_calls d "
-                "WHERE calls.call_id = d.call_id::UUID AND calls.deleted_at IS NULL"
-            )
+            with self._writing():
+                self.con.execute(
+                    "UPDATE calls SET deleted_at = d.deleted_at FROM deleted_calls d "
+                    "WHERE calls.call_id = d.call_id::UUID AND calls.deleted_at IS NULL"
+                )
         finally:
             self.con.unregister("deleted_calls")
 
     def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
+        nbytes = sum(t.nbytes for t in tables.values())
+        needed = batch_memory(self._base_memory, nbytes)
+        if needed > self._base_memory:
+            self._set_memory_limit(needed)
+        try:
+            self._insert_batch(tables, outcomes, run_id)
+            self._unflushed += pinned_bytes(tables)
+            if self._unflushed > self._base_memory * UNFLUSHED_SHARE:
+                self.con.execute("CHECKPOINT")
+                self._unflushed = 0
+        finally:
+            if needed > self._base_memory:
+                self._set_memory_limit(self._base_memory)
+
+    def _set_memory_limit(self, limit: int) -> None:
+        self.con.execute(f"SET memory_limit = '{limit // 2**20}MiB'")
+
+    def _insert_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         con = self.con
         batch_outcomes = outcomes_table(outcomes, run_id)  # noqa: F841 (read by SQL)
         con.register("batch_outcomes", batch_outcomes)
@@ -155,17 +308,49 @@ class DuckDBWarehouse(Warehouse):
             con.execute("DROP TABLE previous")
             con.commit()
         except BaseException:
-            con.rollback()
+            _rollback_quietly(con)
             raise
         finally:
             con.unregister("batch_outcomes")
 
 
+def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    # After a failed COMMIT DuckDB has no transaction left ("cannot rollback - no
+    # transaction is active"): that error must not replace the real one.
+    try:
+        con.rollback()
+    except duckdb.Error:
+        pass
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # absent, or not empty (not ours to delete then)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def connect_read_only(path: Path) -> duckdb.DuckDBPyConnection:
     if not path.exists():
         raise OutputError(f"no warehouse at {path}: run `ultravox-stages run` (or `demo`) first")
-    check_is_duckdb_file(path)
+    if path.is_dir():
+        raise OutputError(f"--output {path} is a folder, not a DuckDB file (use --format parquet for folders)")
+    check_is_duckdb_file_header(path)
     try:
         return duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        raise OutputError(f"cannot open DuckDB file {path} for reading: {exc}") from exc
+        held, doc = read_lock(lock_path(path))
+        if held:
+            raise OutputError(f"a run is writing this output ({describe_writer(doc)}); try again when it finishes") from exc
+        raise OutputError(f"cannot open DuckDB file {path} for reading: {_first_line(exc)}") from exc
+
+
+def describe_writer(doc: Mapping[str, Any]) -> str:
+    run = doc.get("run") or {}
+    name = f"run {run['run_id']}" if run.get("run_id") else "run starting"
+    return f"{name}, pid {doc.get('pid', '?')}"

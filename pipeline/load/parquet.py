@@ -92,7 +92,14 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, deleted_table, outcomes_table
+from pipeline.load import (
+    MERGE_ETL_CALLS_SQL,
+    Warehouse,
+    check_local_output,
+    deleted_table,
+    open_failure,
+    outcomes_table,
+)
 from pipeline.lock import OutputLock
 from pipeline.records import CallOutcome, RunRecord
 
@@ -178,6 +185,11 @@ def _to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
     # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
     fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
     return fetch()
+
+
+def lock_path(root: Path) -> Path:
+    """The writer lock sits in the staging area, out of the way of readers' globs."""
+    return root / STAGING / LOCK
 
 
 def table_dir(root: Path, table: str) -> Path:
@@ -705,9 +717,11 @@ class ParquetWarehouse(Warehouse):
 
     format = "parquet"
 
-    def __init__(self, path: Path, wait_for_lock: bool = False, write_behind: bool = False):
-        super().__init__(path, wait_for_lock, write_behind)
-        self._lock = OutputLock(path / STAGING / LOCK, wait=wait_for_lock)
+    def __init__(
+        self, path: Path, wait_for_lock: bool = False, write_behind: bool = False, wait_seconds: float | None = None
+    ):
+        super().__init__(path, wait_for_lock, write_behind, wait_seconds)
+        self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
         self._index: FileIndex | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -718,38 +732,46 @@ class ParquetWarehouse(Warehouse):
         return self._index
 
     def open(self) -> None:
+        check_local_output(self.path, "Parquet folder")
         check_output_folder(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             _write_marker(self.path)
         except OSError as exc:
-            raise OutputError(f"cannot create Parquet folder {self.path}: {exc.strerror}") from exc
+            raise open_failure(self.path, "Parquet folder", exc) from exc
         self._lock.acquire()
         try:
-            heal(self.path)
-            self._index = load_index(self.path)
+            with self._writing():
+                heal(self.path)
+                self._index = load_index(self.path)
+            # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
+            self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
+            self._con = duckdb.connect(config={"memory_limit": "64MB"})
+            # Bound by name at query time to whatever Arrow table is registered then.
+            self._con.register("previous_rows", schema.ETL_CALLS.arrow_schema.empty_table())
+            self._con.execute(
+                "CREATE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows"
+            )
+            self._after_open()
         except BaseException:
-            self._lock.release()
+            self._release_resources()
             raise
-        # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
-        self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
-        self._con = duckdb.connect()
-        # Bound by name at query time to whatever Arrow table is registered then.
-        self._con.register("previous_rows", schema.ETL_CALLS.arrow_schema.empty_table())
-        self._con.execute("CREATE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows")
 
     def close(self) -> None:
         try:
             self._stop_committer()  # the batch in flight is committed (or its error raised)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            if self._con is not None:
-                self._con.close()
-                self._con = None
-            self._index = None
-            self._lock.release()
+            self._release_resources()
+
+    def _release_resources(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        self._index = None
+        self._lock.release()
 
     def call_statuses(self) -> dict[str, str]:
         self._settle()
@@ -758,6 +780,47 @@ class ParquetWarehouse(Warehouse):
             return {}
         rows = pa.concat_tables([pq.read_table(self.path / rel, columns=["call_id", "status"]) for rel in files])
         return dict(zip(rows["call_id"].to_pylist(), rows["status"].to_pylist(), strict=True))
+
+    def _all_runs(self) -> pa.Table:
+        files = sorted(self.index.all_files(schema.ETL_RUNS.name))
+        pieces = [_conform(pq.read_table(self.path / rel), schema.ETL_RUNS) for rel in files]
+        return pa.concat_tables(pieces) if pieces else schema.ETL_RUNS.arrow_schema.empty_table()
+
+    def _mark_crashed_runs(self) -> None:
+        runs = self._all_runs()
+        running = runs.filter(pc.equal(runs["status"], "running"))
+        if running.num_rows:
+            column = running.schema.get_field_index("status")
+            crashed = pa.array(["crashed"] * running.num_rows, running.schema.field("status").type)
+            self.upsert(schema.ETL_RUNS, running.set_column(column, running.schema.field("status"), crashed))
+
+    def _last_finished_run(self) -> dict[str, Any] | None:
+        runs = self._all_runs()
+        if not runs.num_rows:
+            return None
+        latest = runs.take(pc.sort_indices(runs, [("started_at", "descending")])[:1]).to_pylist()[0]
+        return {"run_id": latest["run_id"], "status": latest["status"], "finished_at": latest["finished_at"]}
+
+    def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
+        files = sorted(self.index.all_files(schema.CALL_STAGES.name))
+        if not files:
+            return pa.table({"call_stage_id": pa.array([], pa.string()), "call_id": pa.array([], pa.string())})
+        con = self._con
+        assert con is not None, "warehouse not open"
+        paths = ", ".join(_sql_literal((self.path / rel).as_posix()) for rel in files)
+        con.register("batch_stage_ids", pa.table({"id": stage_ids}))
+        try:
+            # Two columns of every stage file: stage ids live in no index (a call's
+            # stages are found by call_id), and UUIDs defeat min/max pruning.
+            return _to_arrow(
+                con.sql(
+                    f"SELECT lower(s.call_stage_id) AS call_stage_id, lower(s.call_id) AS call_id "
+                    f"FROM read_parquet([{paths}], hive_partitioning = false) s "
+                    f"SEMI JOIN batch_stage_ids b ON lower(s.call_stage_id) = b.id"
+                )
+            )
+        finally:
+            con.unregister("batch_stage_ids")
 
     def save_run(self, run: RunRecord) -> None:
         row = run.as_row()
@@ -832,6 +895,10 @@ class ParquetWarehouse(Warehouse):
         return merged.cast(schema.ETL_CALLS.arrow_schema)
 
     def _transact(self, work: Callable[[Transaction], None]) -> None:
+        with self._writing():
+            self._transact_once(work)
+
+    def _transact_once(self, work: Callable[[Transaction], None]) -> None:
         assert self._pool is not None, "warehouse not open"
         tx = Transaction(self.path, self.index, self._pool)
         try:
@@ -843,12 +910,22 @@ class ParquetWarehouse(Warehouse):
             return  # nothing changed (e.g. every listed call was already flagged)
         try:
             self._index = tx.commit()
-        except BaseException:
-            # Before the journal exists heal() drops the staging files; after, it rolls
-            # the commit forward. Either way memory must follow what the disk now holds.
-            self._index = None
+        except BaseException as exc:
+            self._recover_after(exc)
+            raise
+
+    def _recover_after(self, failure: BaseException) -> None:
+        """Before the journal exists heal() drops the staging files; after, it rolls
+        the commit forward. Either way memory must follow what the disk now holds."""
+        self._index = None
+        try:
             heal(self.path)
             self._index = load_index(self.path)
+        except OSError:
+            # The disk still refuses (full, read-only): report the first failure; the
+            # next open heals. The warehouse is unusable until then.
+            if isinstance(failure, OSError):
+                return
             raise
 
 

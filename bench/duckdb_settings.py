@@ -1,0 +1,167 @@
+"""Write-only cost of DuckDB settings for the tables the transform produces.
+
+    python bench/duckdb_settings.py RAW_DIR WORK_DIR [--batch-stages 4000] [--only NAME ...]
+
+The landing zone is transformed once (pipeline.transform, in batches like the
+runner's) and each batch's three Arrow tables are saved as Arrow IPC files. Then each
+variant loads them into a fresh DuckDB file in its own process, the way the loader
+commits (per batch: delete the batch's calls, insert, commit), and prints one line:
+variant, stages, seconds, CPU seconds, peak RSS (VmHWM) in MB, file MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: name → (connection config, ATTACH options, SET statements, primary keys)
+VARIANTS: dict[str, tuple[dict[str, object], str, tuple[str, ...], bool]] = {
+    "today": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", (), True),
+    "today-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", (), True),
+    "rg2048-zstd-64MB-1t": (
+        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+    ),
+    "rg2048-zstd-64MB-2t": (
+        {"memory_limit": "64MB", "threads": 2}, "ROW_GROUP_SIZE 2048",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+    ),
+    "rg4096-zstd-96MB-1t": (
+        {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 4096",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+    ),
+    "rg4096-zstd-96MB-2t": (
+        {"memory_limit": "96MB", "threads": 2}, "ROW_GROUP_SIZE 4096",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+    ),
+    "rg4096-zstd-128MB-2t-nopk": (
+        {"memory_limit": "128MB", "threads": 2}, "ROW_GROUP_SIZE 4096",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), False,
+    ),
+    "rg2048-zstd-96MB-1t": (
+        {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+    ),
+    "rg2048-auto-64MB-1t": (
+        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048", ("SET preserve_insertion_order=false",), True,
+    ),
+    "rg2048-zstd-64MB-1t-nopk": (
+        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), False,
+    ),
+}
+
+
+def prepare(raw_dir: Path, work: Path, batch_stages: int) -> int:
+    """Transform the landing zone into IPC files, one per batch and table."""
+    import pyarrow as pa
+
+    from pipeline.raw import read_landing_zone
+    from pipeline.records import utcnow
+    from pipeline.transform import transform_calls
+
+    work.mkdir(parents=True, exist_ok=True)
+    pending: list[tuple[str, list]] = []
+    count = batches = 0
+
+    def flush() -> None:
+        nonlocal batches
+        tables = transform_calls(pending, "bench", utcnow()).tables
+        for name, table in tables.items():
+            with pa.OSFile(str(work / f"{batches:05d}-{name}.arrow"), "wb") as sink:
+                with pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+        batches += 1
+        pending.clear()
+
+    for fetch in read_landing_zone(raw_dir, lambda bad: None):
+        stages = fetch.stages()
+        pending.append((fetch.call_id, stages))
+        count += len(stages)
+        if sum(len(s) for _, s in pending) >= batch_stages:
+            flush()
+    if pending:
+        flush()
+    return count
+
+
+_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import duckdb, pyarrow as pa
+from pipeline import schema
+config, attach, sets, keys = json.loads(sys.argv[1])
+work, target = Path(sys.argv[2]), sys.argv[3]
+con = duckdb.connect(config=config)
+con.execute(f"ATTACH '{target}' AS w (STORAGE_VERSION 'v1.2.0'{', ' + attach if attach else ''})")
+con.execute("USE w")
+for statement in sets:
+    con.execute(statement)
+for table in schema.DATA_TABLES:
+    sql = table.create_sql()
+    con.execute(sql if keys else sql[: sql.rindex(",\n  PRIMARY KEY")] + "\n)")
+names = sorted({p.name.split("-", 1)[0] for p in work.glob("*.arrow")})
+stages = 0
+started = time.monotonic()
+for batch in names:
+    con.execute("BEGIN")
+    for table in schema.DATA_TABLES:
+        rows = pa.ipc.open_file(str(work / f"{batch}-{table.name}.arrow")).read_all()
+        if table.name == "call_stages":
+            stages += rows.num_rows
+        con.register("batch_rows", rows)
+        con.execute(f"DELETE FROM {table.name} WHERE call_id IN (SELECT DISTINCT call_id::UUID FROM batch_rows)")
+        con.execute(f"INSERT INTO {table.name} BY NAME SELECT * FROM batch_rows")
+        con.unregister("batch_rows")
+    con.execute("COMMIT")
+con.close()
+seconds = time.monotonic() - started
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(stages, round(seconds, 2), hwm // 1024)
+"""
+
+
+def run_variant(name: str, work: Path, out_dir: Path) -> str:
+    config, attach, sets, keys = VARIANTS[name]
+    target = out_dir / f"{name}.duckdb"
+    target.unlink(missing_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([config, attach, list(sets), keys]), str(work),
+                           str(target)], capture_output=True, text=True, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line] or proc.stderr.splitlines()[-1:]
+        return f"{name} failed: {errors[-1][:300]}"
+    stages, seconds, rss = proc.stdout.split()
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    size = target.stat().st_size >> 20
+    target.unlink()
+    return f"{name} stages={stages} seconds={seconds} cpu={cpu:.2f} peak_rss_mb={rss} file_mb={size}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("raw_dir", type=Path)
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--batch-stages", type=int, default=4000)
+    parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
+    args = parser.parse_args()
+    batches = args.work / "batches"
+    if not any(batches.glob("*.arrow")):
+        started = time.monotonic()
+        stages = prepare(args.raw_dir, batches, args.batch_stages)
+        print(f"prepared {stages} stages in {time.monotonic() - started:.1f} s", flush=True)
+    for name in args.only or VARIANTS:
+        print(run_variant(name, batches, args.work), flush=True)
+
+
+if __name__ == "__main__":
+    main()

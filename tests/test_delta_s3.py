@@ -1,0 +1,201 @@
+"""Delta Lake warehouse on S3: a moto server on 127.0.0.1 (no other address).
+
+moto runs in a child process: some deltalake calls (history, restore) hold the GIL
+while they wait for the store, which deadlocks a server thread in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from deltalake import DeltaTable
+
+from pipeline.errors import OutputError, StagesError, WarehouseError
+from pipeline.load import delta
+from pipeline.load.delta import LOCK, MARKER, DeltaWarehouse, connect_views, maintain, storage_options
+from test_delta import IDS, commit
+
+SECRET = "s3cr3t-Key-that-must-never-be-written"
+BUCKET = "warehouse-bucket"
+
+
+_SERVER = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the test closes stdin
+server.stop()
+"""
+
+
+@pytest.fixture(scope="module")
+def moto_port() -> Iterator[int]:
+    child = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        yield int(child.stdout.readline())
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(moto_port: int, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[object]:
+    host, port = "127.0.0.1", moto_port
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_S3_ALLOW_UNSAFE_RENAME", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing-access-key",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client
+    finally:  # one server for the module: empty the bucket for the next test
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=BUCKET, Key=item["Key"])
+        client.delete_bucket(Bucket=BUCKET)
+
+
+URI = f"s3://{BUCKET}/exports/stages"
+
+
+def s3_table(name: str) -> DeltaTable:
+    return DeltaTable(f"{URI}/{name}", storage_options=storage_options(URI))
+
+
+def test_commits_and_sql_over_s3(s3: object) -> None:
+    with DeltaWarehouse(URI) as w:
+        commit(w, IDS[:30], "run-1")
+        commit(w, IDS[10:40], "run-2", drop_last=True)
+        assert set(w.call_statuses()) == set(IDS[:40])
+    con = connect_views(URI)
+    total, distinct = con.sql("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchall()[0]
+    assert total == distinct > 0
+    assert con.sql("SELECT count(*), sum(attempts) FROM etl_calls").fetchall() == [(40, 60)]
+    runs = con.execute("SELECT DISTINCT run_id FROM call_stages WHERE call_id::VARCHAR IN (SELECT unnest(?))", [IDS[10:40]])
+    assert runs.fetchall() == [("run-2",)]
+    con.close()
+    assert s3_table("call_stages").metadata().partition_columns == ["created_date"]
+
+
+def test_pathlib_collapsed_uri_is_accepted(s3: object) -> None:
+    from pathlib import Path
+
+    with DeltaWarehouse(Path(URI)) as w:
+        commit(w, IDS[:3], "run-1")
+    assert s3_table("etl_calls").to_pyarrow_table().num_rows == 3
+
+
+def test_second_writer_refused_on_s3(s3: object) -> None:
+    with DeltaWarehouse(URI):
+        with pytest.raises(OutputError) as info:
+            DeltaWarehouse(URI).open()
+        assert info.value.exit_code == 2 and "pid" in str(info.value)
+    with DeltaWarehouse(URI):  # released on close
+        pass
+
+
+def test_lock_of_a_dead_writer_is_taken_over_after_expiry(s3, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    body = json.dumps({"pid": 999999, "host": "gone", "started_at": "2026-01-01T00:00:00Z"}).encode()
+    s3.put_object(Bucket=BUCKET, Key=f"exports/stages/{LOCK}", Body=body)
+    with pytest.raises(OutputError) as info:  # within its expiry: refused, holder named
+        DeltaWarehouse(URI).open()
+    assert "pid 999999 on gone" in str(info.value)
+    monkeypatch.setattr(delta, "LOCK_TTL_SECONDS", 1.0)
+    time.sleep(2.5)  # the dead writer's lock ages past its expiry (store clock)
+    with DeltaWarehouse(URI) as w:
+        commit(w, IDS[:5], "run-1")
+    assert s3_table("etl_calls").to_pyarrow_table().num_rows == 5
+
+
+def test_writer_whose_lock_was_taken_over_stops(s3) -> None:  # type: ignore[no-untyped-def]
+    w = DeltaWarehouse(URI)
+    w.open()
+    try:
+        s3.put_object(Bucket=BUCKET, Key=f"exports/stages/{LOCK}", Body=b'{"pid": 1, "host": "other"}')
+        w.publish(None)  # the refresh finds another writer's lock
+        with pytest.raises(WarehouseError):
+            commit(w, IDS[:5], "run-1")
+    finally:
+        w.close()
+    assert s3.get_object(Bucket=BUCKET, Key=f"exports/stages/{LOCK}")["Body"].read() == b'{"pid": 1, "host": "other"}'
+
+
+def test_crash_mid_batch_healed_on_s3(s3, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    with DeltaWarehouse(URI) as w:
+        commit(w, IDS[:20], "run-1")
+    rows_before = s3_table("call_stages").to_pyarrow_table().num_rows
+
+    def crash(step: str) -> None:
+        if step == "committed:call_stages":
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(delta, "CRASH_HOOK", crash)
+    w = DeltaWarehouse(URI)
+    w.open()
+    with pytest.raises(RuntimeError):
+        commit(w, IDS[:20], "run-2", drop_last=True)
+    w.close()
+    monkeypatch.setattr(delta, "CRASH_HOOK", None)
+    with DeltaWarehouse(URI):
+        pass
+    stages = s3_table("call_stages").to_pyarrow_table()
+    assert stages.num_rows == rows_before and set(stages["run_id"].to_pylist()) == {"run-1"}
+
+
+def test_maintain_on_s3(s3: object) -> None:
+    with DeltaWarehouse(URI) as w:
+        for n in range(4):
+            commit(w, IDS[n * 10 : n * 10 + 15], f"run-{n}")
+    before = len(s3_table("call_stages").file_uris())
+    rows = s3_table("call_stages").to_pyarrow_table().num_rows
+    figures = maintain(URI, retention_hours=0)
+    assert figures["call_stages"]["files_after"] < before
+    assert s3_table("call_stages").to_pyarrow_table().num_rows == rows
+
+
+def test_credentials_never_written_and_no_unsafe_rename(s3) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    assert "AWS_S3_ALLOW_UNSAFE_RENAME" not in (storage_options(URI) or {})
+    with DeltaWarehouse(URI) as w:
+        commit(w, IDS[:10], "run-1")
+    assert "AWS_S3_ALLOW_UNSAFE_RENAME" not in os.environ
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert f"exports/stages/{MARKER}" in keys
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert SECRET.encode() not in body, key
+        assert b"testing-access-key" not in body, key
+
+
+def test_foreign_prefix_refused(s3) -> None:  # type: ignore[no-untyped-def]
+    s3.put_object(Bucket=BUCKET, Key="exports/stages/someone-elses.csv", Body=b"a,b\n")
+    with pytest.raises(OutputError):
+        DeltaWarehouse(URI).open()
+    with pytest.raises(StagesError):
+        connect_views(URI)
+
+
+def test_waiting_for_the_s3_lock_gives_up_after_wait_seconds(s3: object) -> None:
+    with DeltaWarehouse(URI):
+        with pytest.raises(OutputError) as info:
+            DeltaWarehouse(URI, wait_for_lock=True, wait_seconds=0.5).open()
+        assert "after waiting 0.5 s" in str(info.value)
