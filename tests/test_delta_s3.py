@@ -7,6 +7,7 @@ while they wait for the store, which deadlocks a server thread in this process.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -199,3 +200,33 @@ def test_waiting_for_the_s3_lock_gives_up_after_wait_seconds(s3: object) -> None
         with pytest.raises(OutputError) as info:
             DeltaWarehouse(URI, wait_for_lock=True, wait_seconds=0.5).open()
         assert "after waiting 0.5 s" in str(info.value)
+
+
+def test_the_cli_exports_to_s3_exactly_and_status_report_tables_query_read_it(s3, start_sandbox, cli, tmp_path):
+    from conftest import expected_for, write_ids
+
+    box = start_sandbox(n_calls=40, seed=4, fault_rate=0.15)
+    ids = write_ids(tmp_path / "ids.txt", box.data.call_ids)
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text("backoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.01\nretry_after_max_seconds = 0.01\n")
+    env = {name: os.environ[name] for name in os.environ if name.startswith("AWS_")}
+    for _ in range(2):  # the rerun replaces nothing it should not: exact both times
+        res = cli("run", "--calls-file", str(ids), "--base-url", box.base_url, "--output", URI, "--refresh",
+                  "--config", str(cfg), env_extra=env)
+        assert res.code == 0, res.stderr
+        con = connect_views(URI)
+        try:
+            stages, unique = con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchall()[0]
+            options = con.execute("SELECT string_agg(options::VARCHAR, '') FROM etl_runs").fetchall()[0][0]
+        finally:
+            con.close()
+        assert stages == unique == expected_for(box.data, box.data.call_ids).stages
+        assert SECRET not in options and "testing-access-key" not in options
+    status = cli("status", "--output", URI, env_extra=env)
+    assert status.code == 0 and "OK" in status.stdout, status.stdout + status.stderr
+    report = cli("report", "stages_per_call", "--output", URI, "--format", "json", env_extra=env)
+    assert report.code == 0 and json.loads(report.stdout), report.stderr
+    tables = cli("tables", "--output", URI, env_extra=env)
+    assert tables.code == 0 and f"call_stages: {stages} rows" in tables.stdout, tables.stdout
+    query = cli("query", "SELECT count(*) AS n FROM stage_voices", "--output", URI, "--format", "csv", env_extra=env)
+    assert query.code == 0 and query.stdout.splitlines()[0] == "n", query.stdout
