@@ -117,13 +117,22 @@ def _fetch_lines(fetch: CallFetch) -> list[bytes]:
         return []
     try:
         return [
-            _line(fetch.call_id, 200, fetch.fetched_at, url, redact_page(page))
+            _line(fetch.call_id, 200, fetch.fetched_at, url, redact_page(_decoded(page)))
             for url, page in zip(fetch.page_urls, fetch.pages)
         ]
     except RedactionError as exc:
         raise _NotLanded(f"a page is {exc}") from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise _NotLanded(f"a page cannot be written as JSON ({type(exc).__name__})") from None
+
+
+def _decoded(page: Any) -> Any:
+    """A page whose stages are still bytes (``msgspec.Raw``) as objects, to be redacted."""
+    results = page.get("results") if isinstance(page, dict) else None
+    if isinstance(results, list) and any(isinstance(item, msgspec.Raw) for item in results):
+        loads = jsonio.loads
+        return {**page, "results": [loads(item) if isinstance(item, msgspec.Raw) else item for item in results]}
+    return page
 
 
 def _line(call_id: str, status: int, fetched_at: datetime, url: str, page: Any) -> bytes:
@@ -331,17 +340,16 @@ class LandedLine(msgspec.Struct):
 
 
 _landed_line = msgspec.json.Decoder(LandedLine)
-_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf][\x80-\xbf]")
 
 
 def _decode_line(line: bytes) -> LandedLine | Any:
     """The line typed, its stages as bytes; anything msgspec refuses, or that it would
-    let through unchecked inside those bytes (nesting, text that is not UTF-8), goes
-    to ``jsonio.loads``, which decides or reports it."""
-    if jsonio.too_deep(line) or (b"\xed" in line and _ENCODED_SURROGATE.search(line)):
+    let through unchecked inside those bytes (nesting, text that is not UTF-8, such as
+    an encoded surrogate), goes to ``jsonio.loads``, which repairs or reports it."""
+    if jsonio.too_deep(line):
         return jsonio.loads(line)
     try:
-        line.decode()
+        line.decode()  # msgspec checks UTF-8 only in the fields it decodes
         return _landed_line.decode(line)
     except (msgspec.MsgspecError, UnicodeDecodeError):
         return jsonio.loads(line)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from conftest import run_cli
@@ -315,3 +316,17 @@ def test_text_that_is_not_utf8_anywhere_in_a_line_is_a_bad_line(tmp_path) -> Non
     result, bad = _replayed_tables(tmp_path, line(1) + broken)
     assert list(result.stage_counts) == [uid(1)]
     assert [b.where.rsplit(":", 1)[1] for b in bad] == ["2"] and "UTF-8" in bad[0].reason
+
+
+def test_pages_whose_stages_are_bytes_land_redacted_and_replay_the_same(tmp_path) -> None:
+    objects = fetch(1)
+    as_bytes = fetch(1)
+    as_bytes.pages = [{**page, "results": [msgspec.Raw(json.dumps(s).encode()) for s in page["results"]]}
+                      for page in as_bytes.pages]
+    for name, given in (("objects", objects), ("bytes", as_bytes)):
+        writer = RawWriter(tmp_path / name, "run")
+        assert writer.write([given]) == {}
+        writer.close()
+    landed = {name: gzip.decompress((tmp_path / name / "run.jsonl.gz").read_bytes()) for name in ("objects", "bytes")}
+    assert SECRET.encode() not in landed["bytes"]
+    assert landed["bytes"] == landed["objects"]
