@@ -34,11 +34,10 @@ from pipeline.config import Settings
 from pipeline.durations import duration_nanos
 from pipeline.errors import UsageError
 from pipeline.extract import ExtractStats, list_endpoint
-from pipeline.records import rfc3339
+from pipeline.ledger import watermark_row  # noqa: F401 (re-exported: the watermark row lives in the ledger)
 from pipeline.redact import redact_call
 from pipeline.transform import parse_rfc3339
 
-WATERMARK_KEY = "watermark_created"
 #: A listed ``created`` later than now plus this is implausible: it never moves the watermark.
 MAX_CLOCK_SKEW = timedelta(minutes=10)
 
@@ -175,13 +174,6 @@ def discover(settings: Settings, api_key: str, discovery: Discovery, watermark: 
             if call_id:
                 found.deleted[call_id] = _rfc3339_or_none(item.get("deleted")) or now
     return found
-
-
-def watermark_row(value: datetime) -> pa.Table:
-    return pa.Table.from_pylist(
-        [{"key": WATERMARK_KEY, "value": rfc3339(value), "updated_at": datetime.now(timezone.utc)}],
-        schema=schema.ETL_STATE.arrow_schema,
-    )
 
 
 def parse_watermark(text: str | None) -> datetime | None:

@@ -6,9 +6,10 @@ import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-CallStatus = Literal["loaded", "not_found", "failed"]
+if TYPE_CHECKING:
+    from pipeline.ledger import CallStatus, CallTally, RunStatus
 
 
 def utcnow() -> datetime:
@@ -72,7 +73,7 @@ class RunRecord:
     tool_version: str
     options: dict[str, Any]
     finished_at: datetime | None = None
-    status: str = "running"
+    status: RunStatus = "running"
     calls_requested: int = 0
     calls_loaded: int = 0
     calls_not_found: int = 0
@@ -81,14 +82,20 @@ class RunRecord:
     http_requests: int = 0
     http_retries: int = 0
 
+    def __post_init__(self) -> None:
+        self._tally: CallTally | None = None
+
     def as_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def tally(self) -> CallTally:
+        """The calls counted so far (each once, by its latest outcome)."""
+        if self._tally is None:
+            from pipeline.ledger import CallTally  # the ledger builds on these records
+
+            self._tally = CallTally()
+        return self._tally
+
     def count(self, outcome: CallOutcome) -> None:
-        if outcome.status == "loaded":
-            self.calls_loaded += 1
-            self.stages_loaded += outcome.stage_count or 0
-        elif outcome.status == "not_found":
-            self.calls_not_found += 1
-        else:
-            self.calls_failed += 1
+        self.tally.count(self, outcome)

@@ -1,4 +1,4 @@
-"""Runs: wire extract → (raw landing) → transform → load, and keep etl_runs.
+"""Runs: wire extract → (raw landing) → transform → load; the run's states come from :mod:`pipeline.ledger`.
 
 ``run_export`` fetches from the API; ``run_replay`` reads a landing zone instead.
 Both feed finished calls into one :class:`BatchLoader`, which commits batches of
@@ -22,10 +22,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
-from pipeline import __version__, schema
+from pipeline import __version__, ledger, schema
 from pipeline.config import Settings
-from pipeline.discover import WATERMARK_KEY, Discovered, Discovery, discover, parse_watermark, watermark_row
-from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, AuthError, StagesError, UnreachableError, WarehouseError
+from pipeline.discover import Discovered, Discovery, discover, parse_watermark
+from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
 from pipeline.extract import ExtractStats, extract_calls
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
@@ -34,8 +34,7 @@ from pipeline.raw import BadLine, RawWriter, heal_partial_files, read_landing_zo
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
 from pipeline.transform import transform_calls
 
-#: A batch is committed at least this often, so a slow run still makes progress
-#: that survives a crash.
+#: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
 FLUSH_EVERY_SECONDS = 5.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -155,15 +154,16 @@ class BatchLoader:
         return not self.pending or self.pending_bytes + fetch.nbytes <= self.batch_bytes
 
     def add(self, fetch: CallFetch) -> None:
-        # The same call twice in one batch (replay): the later fetch wins.
+        # The same call twice in one run (replay): the later fetch wins, the call counts once.
         previous = self.pending.pop(fetch.call_id, None)
         if previous is not None:
             self.pending_stages -= _stage_weight(previous)
             self.pending_bytes -= previous.nbytes
+        elif fetch.call_id not in self.run.tally:
+            self.done += 1
         self.pending[fetch.call_id] = fetch
         self.pending_stages += _stage_weight(fetch)
         self.pending_bytes += fetch.nbytes
-        self.done += 1
 
     def full(self) -> bool:
         return bool(self.pending) and (self.pending_stages >= self.batch_stages or self.pending_bytes >= self.batch_bytes)
@@ -270,24 +270,14 @@ def _open(settings: Settings, wait_for_lock: bool, wait_seconds: float | None, w
     )
 
 
-def _status_for(exc: BaseException) -> str:
-    if isinstance(exc, AuthError):
-        return "auth_failed"
-    if isinstance(exc, UnreachableError):
-        return "unreachable"
-    if isinstance(exc, (RunInterrupted, KeyboardInterrupt)):
-        return "interrupted"
-    return "crashed"
-
-
-def _finish(warehouse: Warehouse, run: RunRecord, status: str) -> None:
-    run.status = status
-    run.finished_at = utcnow()
+def _finish(warehouse: Warehouse, run: RunRecord, status: ledger.RunStatus) -> None:
+    ledger.finish(run, status)
     warehouse.save_run(run)
 
 
-def _finish_after_error(warehouse: Warehouse, run: RunRecord, status: str) -> None:
+def _finish_after_error(warehouse: Warehouse, run: RunRecord, exc: BaseException, guard: StopSignals) -> None:
     """Record how the run ended, unless the warehouse itself is what failed."""
+    status = ledger.status_after_error(exc, guard.signum is not None or isinstance(exc, RunInterrupted))
     try:
         _finish(warehouse, run, status)
     except Exception:  # the error being raised already names the real cause
@@ -330,23 +320,23 @@ def run_export(
                 raw = _raw_writer(settings, run, reporter)
                 loader = BatchLoader(warehouse, run, reporter, raw, settings.batch_stages, settings.batch_bytes)
                 asyncio.run(_extract_into(loader, todo, settings, api_key, reporter, result, guard))
-                status = "succeeded" if run.calls_failed == 0 else "partial"
+                status = ledger.finished_status(run.calls_failed)
                 if guard.signum is None and found is not None and found.new_watermark is not None:
                     # Only now: a crash before this point lists the same window again.
-                    warehouse.upsert(schema.ETL_STATE, watermark_row(found.new_watermark))
+                    warehouse.upsert(schema.ETL_STATE, ledger.watermark_row(found.new_watermark))
             except BaseException as exc:
                 guard.deferring = True
                 reporter.end_progress()
                 _close_raw(raw, quietly=True)
                 _count_requests(run, result, found)
-                _finish_after_error(warehouse, run, "interrupted" if guard.signum else _status_for(exc))
+                _finish_after_error(warehouse, run, exc, guard)
                 if guard.signum is not None:
                     raise _interrupted(guard, run) from None
                 raise
             reporter.end_progress()
             _close_raw(raw)
             _count_requests(run, result, found)
-            _finish(warehouse, run, "interrupted" if guard.signum else status)
+            _finish(warehouse, run, ledger.INTERRUPTED if guard.signum else status)
             result.seconds = time.monotonic() - started
     if guard.signum is not None:
         raise _interrupted(guard, run)
@@ -368,8 +358,7 @@ def _plan(
     found = _discover(warehouse, settings, api_key, discovery, run, reporter, statuses) if discovery else None
     forced: set[str] = set()
     if found is not None:
-        # Listed calls, plus every call still recorded failed (retried whatever its
-        # date: it may lie before the listing window by now).
+        # Listed calls plus every call still failed, whatever its date (it may lie before the window now).
         failed = [c for c, status in statuses.items() if status == "failed"]
         listed = [c for c in found.call_ids + failed if c not in found.deleted]
         call_ids = list(dict.fromkeys(call_ids + listed))
@@ -425,12 +414,11 @@ def _discover(
     statuses: dict[str, str],
 ) -> Discovered:
     """List calls (and deleted calls), store them in `calls`, settle deleted ones."""
-    watermark = parse_watermark(warehouse.read_state(WATERMARK_KEY)) if discovery.incremental else None
+    watermark = parse_watermark(warehouse.read_state(ledger.WATERMARK_KEY)) if discovery.incremental else None
     found = discover(settings, api_key or "", discovery, watermark, run.run_id)
     assert found.calls_rows is not None
     warehouse.upsert(schema.CALLS, found.calls_rows)
-    # Deleted calls already recorded not_found hold no stages: settling them again
-    # would only count another attempt on every run.
+    # Deleted calls already not_found hold no stages: settling them again only adds an attempt.
     to_settle = [c for c in found.deleted if c in statuses and statuses[c] != "not_found"]
     if to_settle and not discovery.keep_deleted:
         outcomes = [CallOutcome(c, "not_found", 0, "deleted in Ultravox", found.deleted[c]) for c in to_settle]
@@ -497,9 +485,7 @@ async def _extract_into(
         show_progress(force=True)
 
     async def tick() -> None:
-        # Wakes the consumer so a slow trickle of calls is still committed every few
-        # seconds. (Not wait_for(queue.get(), timeout): on Python 3.11 a get that
-        # completes as the timeout fires loses its item.)
+        # Not wait_for(queue.get(), timeout): on Python 3.11 a get completing as it times out loses its item.
         while True:
             await asyncio.sleep(1.0)
             await queue.put(_TICK)
@@ -525,8 +511,7 @@ async def _drain(
     queue: asyncio.Queue[CallFetch | None],
     guard: StopSignals,
 ) -> None:
-    # If loading fails (e.g. the disk is full) the consumer stops taking calls; stop
-    # fetching at once instead of letting the workers block on a full queue.
+    # A failed load (e.g. a full disk) stops the consumer: stop fetching before workers block on the queue.
     await asyncio.wait({consumer, producer}, return_when=asyncio.FIRST_COMPLETED)
     if consumer.done():  # before the producer: only by an exception
         ticker.cancel()
@@ -573,15 +558,15 @@ def run_replay(
                 guard.deferring = True  # stop between calls read, never inside a commit
                 _replay_into(raw_dir, BatchLoader(warehouse, run, reporter, None, settings.batch_stages,
                                                   settings.batch_bytes), result, guard)
-                status = "succeeded" if not result.bad_lines and run.calls_failed == 0 else "partial"
+                status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()
-                _finish_after_error(warehouse, run, "interrupted" if guard.signum else _status_for(exc))
+                _finish_after_error(warehouse, run, exc, guard)
                 if guard.signum is not None:
                     raise _interrupted(guard, run) from None
                 raise
             reporter.end_progress()
-            _finish(warehouse, run, "interrupted" if guard.signum else status)
+            _finish(warehouse, run, ledger.INTERRUPTED if guard.signum else status)
             result.seconds = time.monotonic() - started
     if guard.signum is not None:
         raise _interrupted(guard, run)

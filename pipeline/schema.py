@@ -244,5 +244,3 @@ BOOKKEEPING_TABLES: tuple[Table, ...] = (ETL_CALLS, ETL_RUNS)
 #: Call discovery (`run --since/--incremental`): listed calls and the watermark.
 DISCOVERY_TABLES: tuple[Table, ...] = (CALLS, ETL_STATE)
 TABLES: dict[str, Table] = {t.name: t for t in DATA_TABLES + BOOKKEEPING_TABLES + DISCOVERY_TABLES}
-
-CALL_STATUSES = ("loaded", "not_found", "failed")

@@ -20,9 +20,11 @@ from typing import Any
 
 import duckdb
 
+from pipeline import ledger
 from pipeline.errors import OutputError, StagesError
 from pipeline.load import lock_file, open_warehouse, query_connection
 from pipeline.lock import read_lock
+from pipeline.records import rfc3339
 
 _LAST_RUNS = """
 SELECT run_id, started_at, finished_at,
@@ -108,19 +110,14 @@ def status_report(fmt: str, path: Path, style: str) -> tuple[str, bool]:
     live = _live_writer(fmt, path)
     tables = _read_tables(fmt, path, live)
     current = (live or {}).get("run") or None
-    if tables is not None and live is None and lock_file(fmt, path) is not None:
-        ghosts = [r for r in tables["runs"] if r["status"] == "running"]
-        if ghosts:
-            _record_crashes(fmt, path)
-        for run in ghosts:
-            run["status"] = "crashed"  # its writer is gone, recorded or not
+    # Its writer is gone: the run is reported crashed whether or not that can be recorded.
+    if tables is not None and live is None and lock_file(fmt, path) is not None and ledger.settle_ghosts(tables["runs"]):
+        _record_crashes(fmt, path)
     if tables is not None:
-        current_id = current["run_id"] if current else None
-        finished = [r for r in tables["runs"] if r["status"] != "running" and r["run_id"] != current_id]
-        last = {k: finished[0][k] for k in ("run_id", "status", "finished_at")} if finished else None
+        last = ledger.last_finished(tables["runs"], current["run_id"] if current else None)
     else:
         last = (live or {}).get("last_finished")
-    healthy = last is not None and last["status"] == "succeeded"
+    healthy = ledger.is_healthy(last)
     if style == "json":
         return _json_report(path, healthy, last, live, tables), healthy
     return _text_report(path, healthy, last, live, tables), healthy
@@ -148,7 +145,11 @@ def _json_report(
             "failed_calls": tables["failed_count"],
             "failed_calls_sample": tables["failed"],
         }
-    return json.dumps(doc, default=str, indent=2)
+    return json.dumps(doc, default=_json_value, indent=2)
+
+
+def _json_value(value: Any) -> str:
+    return rfc3339(value) if isinstance(value, datetime) else str(value)
 
 
 def _hours_since(moment: datetime | None) -> float | None:

@@ -1,6 +1,8 @@
 """Warehouses: where transformed Arrow tables are committed, per call, idempotently.
 
-Both outputs implement :class:`Warehouse`. The contract every implementation keeps:
+Every output implements :class:`Warehouse`; the bookkeeping rows (etl_runs, etl_calls,
+etl_state) are built by :mod:`pipeline.ledger`, a backend only stores them. The contract
+every implementation keeps:
 
 * ``commit_calls`` is atomic for the whole batch: for every call in ``outcomes`` whose
   status is ``loaded`` or ``not_found``, the call's previous rows in the three data
@@ -19,9 +21,6 @@ Both outputs implement :class:`Warehouse`. The contract every implementation kee
 * Storage failures (disk full, permission denied, read-only file system, DuckDB
   I/O, transaction and memory errors) raise one ``WarehouseError`` (exit 4) naming
   the first cause; after it the warehouse refuses further writes with that cause.
-
-A backend implements the abstract methods, sets ``self._lock`` and calls
-``_after_open()`` at the end of ``open``.
 
 Write-behind (``write_behind=True``, used by ``replay``): ``commit_calls`` returns as
 soon as the batch is handed to one background committer thread (at most one batch in
@@ -52,14 +51,13 @@ import duckdb as duckdb_lib
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
+from pipeline import ledger, schema
 from pipeline.errors import OutputError, StagesError, WarehouseError
 from pipeline.lock import OutputLock
-from pipeline.records import CallOutcome, RunRecord, rfc3339
+from pipeline.records import CallOutcome, RunRecord
 
 
-#: Failures of the storage itself (disk full, permissions, memory, an invalidated
-#: database); anything else (e.g. a constraint violation) is a bug and stays itself.
+#: Failures of the storage itself (disk, permissions, memory); anything else is a bug and stays itself.
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     duckdb_lib.IOException,
@@ -103,9 +101,9 @@ class Warehouse(abc.ABC):
     def call_statuses(self) -> dict[str, str]:
         """call_id → status for every call in etl_calls."""
 
-    @abc.abstractmethod
     def save_run(self, run: RunRecord) -> None:
         """Insert or update the etl_runs row of ``run``."""
+        self.upsert(schema.ETL_RUNS, ledger.run_table(run))
 
     @abc.abstractmethod
     def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
@@ -113,40 +111,24 @@ class Warehouse(abc.ABC):
         strings): columns ``call_stage_id`` and ``call_id``, both lowercase strings."""
 
     @abc.abstractmethod
-    def _mark_crashed_runs(self) -> None:
-        """Set status 'crashed' on every etl_runs row still 'running' (lock held: their writer is dead)."""
+    def _stored_runs(self) -> pa.Table:
+        """Every etl_runs row, with the schema's columns."""
 
-    @abc.abstractmethod
     def _last_finished_run(self) -> dict[str, Any] | None:
-        """``{"run_id", "status", "finished_at"}`` of the most recent run (by started_at), or None."""
+        return ledger.latest_run(self._stored_runs())
 
     def _after_open(self) -> None:
         """Common end of ``open``: dead runs become crashed, the live state is published."""
         with self._writing():
-            self._mark_crashed_runs()
+            self.upsert(schema.ETL_RUNS, ledger.crashed_runs(self._stored_runs()))
         self._last_finished = self._last_finished_run()
         self.publish(None)
 
     def publish(self, run: RunRecord | None) -> None:
         """Publish the live state (run in progress, its counts, the last finished run)
         for ``status`` in another process; cheap, atomic for readers."""
-        last = self._last_finished
-        if last is not None and isinstance(last.get("finished_at"), datetime):
-            last = last | {"finished_at": rfc3339(last["finished_at"])}
-        state: dict[str, Any] = {"format": self.format, "last_finished": last, "run": None}
-        if run is not None:
-            state["run"] = {
-                "run_id": run.run_id,
-                "started_at": rfc3339(run.started_at),
-                "status": run.status,
-                "calls_requested": run.calls_requested,
-                "calls_loaded": run.calls_loaded,
-                "calls_not_found": run.calls_not_found,
-                "calls_failed": run.calls_failed,
-                "stages_loaded": run.stages_loaded,
-            }
         try:
-            self._lock.publish(state)
+            self._lock.publish(ledger.live_state(self.format, run, self._last_finished))
         except OSError as exc:
             raise self._write_failure(exc) from exc
 
@@ -328,22 +310,6 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
-def outcomes_table(outcomes: Sequence[CallOutcome], run_id: str) -> pa.Table:
-    """The batch's etl_calls updates as Arrow (before merging with earlier attempts)."""
-    return pa.table(
-        {
-            "call_id": pa.array([o.call_id for o in outcomes], pa.string()),
-            "status": pa.array([o.status for o in outcomes], pa.string()),
-            "stage_count": pa.array([o.stage_count for o in outcomes], pa.int32()),
-            "last_run_id": pa.array([run_id] * len(outcomes), pa.string()),
-            "attempted_at": pa.array(
-                [o.attempted_at for o in outcomes], schema.ETL_CALLS.arrow_schema.field("last_attempt_at").type
-            ),
-            "error": pa.array([o.error for o in outcomes], pa.string()),
-        }
-    )
-
-
 def deleted_table(deleted: Mapping[str, datetime]) -> pa.Table:
     return pa.table(
         {
@@ -351,24 +317,6 @@ def deleted_table(deleted: Mapping[str, datetime]) -> pa.Table:
             "deleted_at": pa.array(list(deleted.values()), schema.CALLS.arrow_schema.field("deleted_at").type),
         }
     )
-
-
-#: SQL merging a batch of outcomes (``batch_outcomes``) with existing etl_calls rows
-#: (``previous``): attempts count up, last_success_at moves only on success, a failed
-#: call keeps its last known stage_count.
-MERGE_ETL_CALLS_SQL = """
-SELECT
-  o.call_id::UUID AS call_id,
-  o.status,
-  CASE WHEN o.status = 'failed' THEN p.stage_count ELSE o.stage_count END AS stage_count,
-  COALESCE(p.attempts, 0) + 1 AS attempts,
-  o.last_run_id,
-  o.attempted_at AS last_attempt_at,
-  CASE WHEN o.status = 'failed' THEN p.last_success_at ELSE o.attempted_at END AS last_success_at,
-  o.error
-FROM batch_outcomes o
-LEFT JOIN previous p ON p.call_id = o.call_id::UUID
-"""
 
 
 def open_warehouse(

@@ -20,7 +20,7 @@ table, the old rows of the batch's already-known calls are deleted (a MERGE join
 call_id and created_date: a hash join, partitions pruned) and the batch's rows appended;
 then etl_calls is upserted (MERGE on call_id), the batch's commit marker. (An overwrite
 with a ``call_id IN (...)`` predicate would be one commit per table, but deltalake
-evaluates such a list row by row: several times slower at a thousand calls a batch.)
+evaluates such a list row by row: much slower for a batch of calls.)
 
 Every batch commit carries a batch number in its commit metadata (:data:`BATCH_KEY`);
 the etl_calls commit also records it as a Delta application transaction
@@ -68,9 +68,10 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 
 from pipeline import schema
 from pipeline.errors import OutputError, WarehouseError
-from pipeline.load import MERGE_ETL_CALLS_SQL, Warehouse, check_local_output, deleted_table, outcomes_table
+from pipeline.ledger import merged_etl_calls, outcomes_table
+from pipeline.load import Warehouse, check_local_output, deleted_table
 from pipeline.lock import OutputLock
-from pipeline.records import CallOutcome, RunRecord, rfc3339, utcnow
+from pipeline.records import CallOutcome, rfc3339, utcnow
 
 MARKER = "_ultravox_stages.json"
 LOCK = "_lock"
@@ -99,8 +100,7 @@ AWS_VARIABLES = (
 _US_PER_DAY = 86_400_000_000
 _WRITER = WriterProperties(compression="ZSTD")
 
-#: Test seam: called with ``"deleted:<table>"`` / ``"committed:<table>"`` after each
-#: data-table commit of a batch (the crash tests raise or SIGKILL there).
+#: Test seam: called with ``"deleted:<table>"`` / ``"committed:<table>"`` after each data-table commit.
 CRASH_HOOK: Callable[[str], None] | None = None
 
 _T = TypeVar("_T")
@@ -638,27 +638,10 @@ class DeltaWarehouse(Warehouse):
             }
         )
 
-    def _mark_crashed_runs(self) -> None:
-        runs = self._rows(schema.ETL_RUNS)
-        running = runs.filter(pc.equal(runs["status"], "running"))
-        if running.num_rows:
-            column = running.schema.get_field_index("status")
-            crashed = pa.array(["crashed"] * running.num_rows, pa.string())
-            self.upsert(schema.ETL_RUNS, running.set_column(column, running.schema.field("status"), crashed))
-
-    def _last_finished_run(self) -> dict[str, Any] | None:
-        runs = self._rows(schema.ETL_RUNS)
-        if not runs.num_rows:
-            return None
-        latest = runs.take(pc.sort_indices(runs, [("started_at", "descending")])[:1]).to_pylist()[0]
-        return {"run_id": latest["run_id"], "status": latest["status"], "finished_at": latest["finished_at"]}
+    def _stored_runs(self) -> pa.Table:
+        return self._rows(schema.ETL_RUNS)
 
     # -- single-table writes
-
-    def save_run(self, run: RunRecord) -> None:
-        row = run.as_row()
-        row["options"] = json.dumps(row["options"], sort_keys=True)
-        self.upsert(schema.ETL_RUNS, pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema))
 
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
         """Insert or replace rows by their single-column key: one Delta commit."""
@@ -736,7 +719,8 @@ class DeltaWarehouse(Warehouse):
         with self._delta_writing():
             try:
                 self._replace_data(rows, known, number)
-                merged = self._merge_etl_calls(batch, previous)
+                assert self._con is not None, "warehouse not open"
+                merged = merged_etl_calls(self._con, batch, previous)
                 self._merge_upsert("etl_calls", merged, "call_id", number)
             except BaseException as exc:
                 # Half a batch is on disk: no more writes on top; the next open() restores it.
@@ -773,21 +757,6 @@ class DeltaWarehouse(Warehouse):
             if rows[table.name].num_rows:
                 self._append(table.name, rows[table.name], number)
             _crash_point(f"committed:{table.name}")
-
-    def _merge_etl_calls(self, batch: pa.Table, previous: pa.Table) -> pa.Table:
-        """The shared merge SQL (attempts + 1, last success kept for failures)."""
-        con = self._con
-        assert con is not None, "warehouse not open"
-        con.register("batch_outcomes", batch)
-        con.register("previous_rows", previous)
-        try:
-            rel = con.sql(f"WITH previous AS (SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows) {MERGE_ETL_CALLS_SQL}")
-            fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
-            merged = fetch()
-        finally:
-            con.unregister("batch_outcomes")
-            con.unregister("previous_rows")
-        return merged.select(schema.ETL_CALLS.column_names).cast(schema.ETL_CALLS.arrow_schema)
 
 
 # --------------------------------------------------------------------------- readers

@@ -13,7 +13,6 @@ so DuckDB 1.x readers (CLI, other languages) open it; newer DuckDB reads it too.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -26,37 +25,21 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import (
-    MERGE_ETL_CALLS_SQL,
-    STORAGE_ERRORS,
-    Warehouse,
-    check_local_output,
-    deleted_table,
-    open_failure,
-    outcomes_table,
-)
+from pipeline.ledger import MERGE_ETL_CALLS_SQL, outcomes_table
+from pipeline.load import STORAGE_ERRORS, Warehouse, check_local_output, deleted_table, open_failure
 from pipeline.lock import OutputLock, read_lock
-from pipeline.records import CallOutcome, RunRecord
+from pipeline.records import CallOutcome
 
 _MAGIC_OFFSET, _MAGIC = 8, b"DUCK"
-#: DuckDB checkpoints (rewrites table data and serialises the primary-key indexes
-#: into the file) whenever the WAL passes this size; its default, 16MB, is a batch or
-#: two of stages, so a long run re-wrote indexes of the whole table every commit or
-#: two (quadratic: a 100,000-stage replay spent 30 s in commits). Commits append to
-#: the WAL; the checkpoint happens once this much has piled up, and at close.
+#: WAL size that triggers a checkpoint (a rewrite of every index): DuckDB's default made long runs quadratic.
 CHECKPOINT_THRESHOLD = "1GB"
-#: Long strings (over PINNED_STRING_BYTES, e.g. 100 KB prompts) committed but not yet
-#: checkpointed stay in DuckDB's memory and cannot be spilled: a checkpoint is forced
-#: once those committed since the last one pass this share of the memory limit. Other
-#: data spills, and checkpoints stay rare (each one rewrites the tables' last row group).
+#: Share of the memory limit that unspillable long strings committed since the last checkpoint may pin.
 UNFLUSHED_SHARE = 0.5
 #: Below the size from which DuckDB pins a string in memory until a checkpoint.
 PINNED_STRING_BYTES = 32 << 10
-#: Storage format of new files: the oldest DuckDB this project supports (duckdb>=1.2),
-#: so every 1.x reader from 1.2 on opens the file (DuckDB 2 writes a format 1.x refuses).
+#: Storage format of new files: the oldest DuckDB supported, so every 1.x reader from it on opens them.
 STORAGE_VERSION = "v1.2.0"
-#: A commit needs about this many times the batch's Arrow bytes of non-spillable memory
-#: (the rows, their copy in DuckDB's vectors and the write-ahead log buffer).
+#: Non-spillable memory of a commit, in batch Arrow bytes (rows, DuckDB's copy, the WAL buffer).
 BATCH_MEMORY_FACTOR = 4
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -154,8 +137,7 @@ class DuckDBWarehouse(Warehouse):
             raise
 
     def _connect(self) -> None:
-        # Bounded memory whatever the input size: DuckDB would otherwise let its
-        # buffer pool grow towards 80% of RAM during a long replay.
+        # DuckDB's buffer pool would otherwise grow towards most of RAM during a long replay.
         config = {
             "memory_limit": self.memory_limit,
             "checkpoint_threshold": CHECKPOINT_THRESHOLD,
@@ -195,29 +177,8 @@ class DuckDBWarehouse(Warehouse):
         rows = self.con.execute("SELECT call_id::VARCHAR, status FROM etl_calls").fetchall()
         return dict(rows)
 
-    def save_run(self, run: RunRecord) -> None:
-        self._settle()
-        row = run.as_row()
-        row["options"] = json.dumps(row["options"], sort_keys=True)
-        cols = schema.ETL_RUNS.column_names
-        placeholders = ", ".join("?" for _ in cols)
-        with self._writing():
-            self.con.execute(
-                f"INSERT OR REPLACE INTO etl_runs ({', '.join(cols)}) VALUES ({placeholders})",
-                [row[c] for c in cols],
-            )
-
-    def _mark_crashed_runs(self) -> None:
-        self.con.execute("UPDATE etl_runs SET status = 'crashed' WHERE status = 'running'")
-
-    def _last_finished_run(self) -> dict[str, Any] | None:
-        rows = self.con.execute(
-            "SELECT run_id, status, finished_at FROM etl_runs ORDER BY started_at DESC LIMIT 1"
-        ).fetchall()
-        if not rows:
-            return None
-        run_id, status, finished_at = rows[0]
-        return {"run_id": run_id, "status": status, "finished_at": finished_at}
+    def _stored_runs(self) -> pa.Table:
+        return _to_arrow(self.con.sql("SELECT * FROM etl_runs"))
 
     def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
         con = self.con
@@ -229,7 +190,7 @@ class DuckDBWarehouse(Warehouse):
                 "SELECT s.call_stage_id::VARCHAR AS call_stage_id, s.call_id::VARCHAR AS call_id "
                 "FROM call_stages s SEMI JOIN batch_stage_ids b ON s.call_stage_id = b.id::UUID"
             )
-            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+            return _to_arrow(rel)
         finally:
             con.unregister("batch_stage_ids")
 
@@ -237,12 +198,12 @@ class DuckDBWarehouse(Warehouse):
         if not rows.num_rows:
             return
         self._settle()
-        self.con.register("upsert_rows", rows)
-        try:
-            with self._writing():
+        with self._writing():  # after a write failure: its cause, even once closed
+            self.con.register("upsert_rows", rows)
+            try:
                 self.con.execute(f"INSERT OR REPLACE INTO {table.name} BY NAME SELECT * FROM upsert_rows")
-        finally:
-            self.con.unregister("upsert_rows")
+            finally:
+                self.con.unregister("upsert_rows")
 
     def read_state(self, key: str) -> str | None:
         self._settle()
@@ -285,11 +246,7 @@ class DuckDBWarehouse(Warehouse):
         con.register("batch_outcomes", batch_outcomes)
         con.begin()
         try:
-            # A call's stages are replaced as a unit: delete whatever the warehouse held
-            # for the calls that answered (loaded or 404) and insert the new rows.
-            # Failed calls keep their previous rows. Only calls in etl_calls can have
-            # rows (both are committed together), so a batch of new calls skips the
-            # scans of the data tables.
+            # Answered calls are replaced as a unit; only calls in etl_calls can have rows to delete.
             replaced = "(SELECT call_id::UUID FROM batch_outcomes WHERE status <> 'failed')"
             known = con.execute(f"SELECT count(*) FROM etl_calls WHERE call_id IN {replaced}").fetchall()[0][0]
             for table in schema.DATA_TABLES:
@@ -314,9 +271,13 @@ class DuckDBWarehouse(Warehouse):
             con.unregister("batch_outcomes")
 
 
+def _to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+
+
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
-    # After a failed COMMIT DuckDB has no transaction left ("cannot rollback - no
-    # transaction is active"): that error must not replace the real one.
+    # After a failed COMMIT DuckDB has no transaction left: "cannot rollback" must not hide the real error.
     try:
         con.rollback()
     except duckdb.Error:

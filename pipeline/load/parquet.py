@@ -1,6 +1,6 @@
 """Parquet output: a folder of hive-partitioned Parquet files, committed with a journal.
 
-Layout (CONTRACT.md, "Parquet layout")::
+Layout::
 
     OUTPUT/_ultravox_stages.json                 marker: this folder is ours
     OUTPUT/call_stages/created_date=YYYY-MM-DD/part-<tx>-<n>.parquet
@@ -9,7 +9,7 @@ Layout (CONTRACT.md, "Parquet layout")::
     OUTPUT/etl_calls/part-*.parquet              unpartitioned
     OUTPUT/etl_runs/part-*.parquet               unpartitioned
     OUTPUT/_state/call_files.parquet             index: (table, key, file)
-    OUTPUT/_state/call_files.delta-<n>.parquet   index changes since (<= 16 files)
+    OUTPUT/_state/call_files.delta-<n>.parquet   index changes since (<= MAX_DELTAS files)
     OUTPUT/_staging/lock                         writer lock (OutputLock)
     OUTPUT/_staging/tx-*/, journal.json          a commit in flight
 
@@ -20,7 +20,7 @@ pyarrow read as NULL. The partition column is not stored inside the files. Files
 zstd Parquet with standard types only (strings for UUID/JSON, decimal128(38,9),
 timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types.
 
-Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or ``save_run`` —
+Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or an ``upsert`` —
 is one transaction:
 
 1. every new file (data files and the index change) is written into
@@ -37,8 +37,8 @@ journal forward and discards anything else in ``_staging/``. A kill -9 before st
 leaves the previous dataset; at or after step 2 the next ``open()`` (or a reader via
 :func:`connect_views` when no writer holds the lock) finishes the new one. Readers never
 see a half-written file because files only appear under ``OUTPUT/<table>/`` by rename.
-(A plain glob reader running *during* step 3, which lasts milliseconds, may see the new
-files next to the old ones; there is no cross-file snapshot without a table format.)
+(A plain glob reader running *during* step 3 may see the new files next to the old ones;
+there is no cross-file snapshot without a table format.)
 
 Finding a call's rows: an index, not a scan. It maps (table, key) → file, key being
 call_id for the data tables and etl_calls and run_id for etl_runs; a commit finds the
@@ -46,9 +46,9 @@ files holding its calls with one ``pc.is_in`` over it and reads only those files
 kept in memory while open and persisted in the same journaled commit as the files it
 describes, as a small delta per commit (``call_files.delta-<n>.parquet``: new entries,
 and removed files as null keys) folded into ``call_files.parquet`` every
-:data:`MAX_DELTAS` commits. Cost: ~45 bytes per call on disk (~4 entries per call, keys
-are incompressible UUIDs): 1M calls ≈ 85 MB, read once per ``open()`` (~1-2 s) and
-rewritten once every 16 commits; each other commit writes only its own entries. The
+:data:`MAX_DELTAS` commits. It grows with the calls stored (a few entries per call, keys
+are incompressible UUIDs), is read once per ``open()`` and rewritten once every
+:data:`MAX_DELTAS` commits; each other commit writes only its own entries. The
 alternative — reading the call_id column of every file — costs a read of every file's
 footer and key column on every commit, growing with the dataset, and pruning by
 partition does not help because a call's stages may sit in any date folder. If the
@@ -61,13 +61,13 @@ there holds a replaced call. Files holding replaced calls are rewritten without 
 rows: a small one (< :data:`SMALL_FILE_BYTES`) merged into the folder's new file, a
 bigger one on its own (file sizes stay bounded and its other calls keep their file).
 Compaction is size-tiered (:data:`COMPACT_TIERS`): when a folder holds more than
-:data:`MAX_FILES_PER_PARTITION` files under 256 KB they are merged into the new file,
-and more than 8 files of 256 KB-8 MB are merged into one. Frequent small runs (cron, a
-few calls each) thus keep every folder at <= 8 tiny files plus a few bigger ones, each
-row is rewritten about once per tier, and a compaction never rewrites a file of 8 MB or
-more. The price shows in long replays of small batches spread over many dates: every
+:data:`MAX_FILES_PER_PARTITION` files of the first tier they are merged into the new
+file, and as many of the next tier are merged into one. Frequent small runs (cron, a few
+calls each) thus keep every folder at a few tiny files plus a few bigger ones, each row
+is rewritten about once per tier, and a compaction never rewrites a file past the last
+tier. The price shows in long replays of small batches spread over many dates: every
 folder gets a file per batch, so about one rewrite of the data per tier is paid to keep
-the file count bounded (larger batches, e.g. ``batch_stages`` 20-50k, avoid most of it).
+the file count bounded (a larger ``batch_stages`` avoids most of it).
 Untouched folders and files are never read or rewritten.
 """
 
@@ -92,16 +92,10 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.load import (
-    MERGE_ETL_CALLS_SQL,
-    Warehouse,
-    check_local_output,
-    deleted_table,
-    open_failure,
-    outcomes_table,
-)
+from pipeline.ledger import merged_etl_calls, outcomes_table
+from pipeline.load import Warehouse, check_local_output, deleted_table, open_failure
 from pipeline.lock import OutputLock
-from pipeline.records import CallOutcome, RunRecord
+from pipeline.records import CallOutcome
 
 MARKER = "_ultravox_stages.json"
 STAGING = "_staging"
@@ -117,14 +111,10 @@ FORMAT_TAG = "ultravox-stages-parquet"
 
 #: Compact a folder's small files once it would hold more small files than this.
 MAX_FILES_PER_PARTITION = 8
-#: Compaction size tiers (upper bounds): files of one tier are merged together once a
-#: folder holds more than MAX_FILES_PER_PARTITION of them; files past the last bound
-#: (a merged file is ~9 x 8 MB at most) are final and never rewritten to merge. A
-#: merge moves files up a tier, so each row is rewritten about once per tier.
+#: Compaction tiers (upper bounds): a folder's files of one tier are merged, files past the last are final.
 COMPACT_TIERS = (256 << 10, 8 << 20)
 SMALL_FILE_BYTES = COMPACT_TIERS[0]
-#: Rows per row group: ~64k stages of a few KB is ~100-250 MB uncompressed, the usual
-#: target for scan efficiency; smaller tables get one row group.
+#: Rows per row group: the usual target size for scan efficiency; smaller tables get one row group.
 ROW_GROUP_ROWS = 65_536
 _WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
 
@@ -146,8 +136,7 @@ _DELTA_SCHEMA = pa.schema(
 )
 _US_PER_DAY = 86_400_000_000
 
-#: Test seam: called with a step name at each point of a commit where a crash matters
-#: (the crash tests SIGKILL the process there). None in production.
+#: Test seam: called with a step name where a crash matters in a commit (crash tests SIGKILL there).
 CRASH_HOOK: Callable[[str], None] | None = None
 
 
@@ -233,8 +222,7 @@ def _write_marker(path: Path) -> None:
     marker = path / MARKER
     if marker.exists():
         return
-    # Written in place (not tmp + rename): a crash mid-write leaves a marker that still
-    # says "ours", never a stray temporary file that would make the folder look foreign.
+    # In place, not tmp + rename: a stray temporary file after a crash would make the folder look foreign.
     body = json.dumps({"format": FORMAT_TAG, "version": 1}, sort_keys=True).encode()
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -256,8 +244,7 @@ def apply_journal(root: Path, pool: ThreadPoolExecutor | None = None) -> bool:
     except FileNotFoundError:
         return False
     except ValueError:
-        # journal.json only ever appears by rename of a complete, fsynced file, so an
-        # unreadable one is not ours to apply; drop it (the commit never happened).
+        # A journal appears only by rename of a complete file: an unreadable one never happened.
         journal.unlink()
         return False
     touched: set[Path] = set()
@@ -275,8 +262,7 @@ def apply_journal(root: Path, pool: ThreadPoolExecutor | None = None) -> bool:
         touched.add(victim.parent)
     for folder in sorted(touched, key=lambda p: len(p.parts), reverse=True):
         _remove_if_empty_partition(root, folder)
-    # Folder fsyncs make the renames durable before the journal goes; issued in
-    # parallel they share the file system's journal commits (one per folder is slow).
+    # Folder fsyncs make the renames durable before the journal goes; in parallel they share journal commits.
     existing = [folder for folder in touched if folder.exists()]
     if pool is not None:
         _wait_all([pool.submit(_fsync_path, folder) for folder in existing])
@@ -330,13 +316,9 @@ class FileIndex:
         #: Delta files on top of INDEX, oldest first, and the next delta's number.
         self.deltas: list[str] = []
         self.next_delta = 0
-        #: False when INDEX is missing or stale (rebuilt from the files): the next
-        #: commit writes a full INDEX instead of a delta.
+        #: False when INDEX is missing or stale: the next commit writes a full INDEX instead of a delta.
         self.base_ok = True
-        # table → partition folder → file names: small (hundreds/thousands of files),
-        # plain Python sets are the simplest structure for the compaction decisions.
-        # Derived from the entries when loading; commits pass it updated in place of
-        # re-deriving it from the whole index.
+        # table → partition folder → file names, for compaction; commits pass it updated.
         self.files: dict[str, dict[str, set[str]]] = files if files is not None else {}
         if files is None:
             for name, entries in per_table.items():
@@ -580,9 +562,7 @@ class Transaction:
         existing = self._files[table.name].get(folder, set())
         size = {rel: (self.root / rel).stat().st_size for rel in existing}
         rewrite = sorted(hits & existing)
-        # A file holding a replaced call is rewritten without its rows: a small one is
-        # folded into the folder's one new file with the new rows, a bigger one is
-        # rewritten on its own (sizes stay bounded, its other calls keep their file).
+        # A file of a replaced call is rewritten without its rows: small ones join the new file, bigger alone.
         fold = [rel for rel in rewrite if size[rel] < SMALL_FILE_BYTES]
         alone = [rel for rel in rewrite if size[rel] >= SMALL_FILE_BYTES]
         merges = _compactions({rel: size[rel] for rel in existing - set(rewrite)})
@@ -747,11 +727,6 @@ class ParquetWarehouse(Warehouse):
             # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
             self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
             self._con = duckdb.connect(config={"memory_limit": "64MB"})
-            # Bound by name at query time to whatever Arrow table is registered then.
-            self._con.register("previous_rows", schema.ETL_CALLS.arrow_schema.empty_table())
-            self._con.execute(
-                "CREATE TEMP VIEW previous AS SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows"
-            )
             self._after_open()
         except BaseException:
             self._release_resources()
@@ -781,25 +756,10 @@ class ParquetWarehouse(Warehouse):
         rows = pa.concat_tables([pq.read_table(self.path / rel, columns=["call_id", "status"]) for rel in files])
         return dict(zip(rows["call_id"].to_pylist(), rows["status"].to_pylist(), strict=True))
 
-    def _all_runs(self) -> pa.Table:
+    def _stored_runs(self) -> pa.Table:
         files = sorted(self.index.all_files(schema.ETL_RUNS.name))
         pieces = [_conform(pq.read_table(self.path / rel), schema.ETL_RUNS) for rel in files]
         return pa.concat_tables(pieces) if pieces else schema.ETL_RUNS.arrow_schema.empty_table()
-
-    def _mark_crashed_runs(self) -> None:
-        runs = self._all_runs()
-        running = runs.filter(pc.equal(runs["status"], "running"))
-        if running.num_rows:
-            column = running.schema.get_field_index("status")
-            crashed = pa.array(["crashed"] * running.num_rows, running.schema.field("status").type)
-            self.upsert(schema.ETL_RUNS, running.set_column(column, running.schema.field("status"), crashed))
-
-    def _last_finished_run(self) -> dict[str, Any] | None:
-        runs = self._all_runs()
-        if not runs.num_rows:
-            return None
-        latest = runs.take(pc.sort_indices(runs, [("started_at", "descending")])[:1]).to_pylist()[0]
-        return {"run_id": latest["run_id"], "status": latest["status"], "finished_at": latest["finished_at"]}
 
     def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
         files = sorted(self.index.all_files(schema.CALL_STAGES.name))
@@ -810,8 +770,7 @@ class ParquetWarehouse(Warehouse):
         paths = ", ".join(_sql_literal((self.path / rel).as_posix()) for rel in files)
         con.register("batch_stage_ids", pa.table({"id": stage_ids}))
         try:
-            # Two columns of every stage file: stage ids live in no index (a call's
-            # stages are found by call_id), and UUIDs defeat min/max pruning.
+            # Two columns of every stage file: stage ids are in no index, and UUIDs defeat min/max pruning.
             return _to_arrow(
                 con.sql(
                     f"SELECT lower(s.call_stage_id) AS call_stage_id, lower(s.call_id) AS call_id "
@@ -821,11 +780,6 @@ class ParquetWarehouse(Warehouse):
             )
         finally:
             con.unregister("batch_stage_ids")
-
-    def save_run(self, run: RunRecord) -> None:
-        row = run.as_row()
-        row["options"] = json.dumps(row["options"], sort_keys=True)
-        self.upsert(schema.ETL_RUNS, pa.Table.from_pylist([row], schema=schema.ETL_RUNS.arrow_schema))
 
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
         """Insert or replace rows by key (unpartitioned tables); one transaction."""
@@ -876,23 +830,11 @@ class ParquetWarehouse(Warehouse):
                 tx.replace(table, replaced, groups[table.name])
             all_ids = batch["call_id"].combine_chunks()
             previous = tx.rows_with_keys(schema.ETL_CALLS, all_ids)
-            merged = self._merge_etl_calls(batch, previous)
+            assert self._con is not None, "warehouse not open"
+            merged = merged_etl_calls(self._con, batch, previous)
             tx.replace(schema.ETL_CALLS, all_ids, split_by_partition(merged, schema.ETL_CALLS.name, None, None))
 
         self._transact(work)
-
-    def _merge_etl_calls(self, batch: pa.Table, previous: pa.Table) -> pa.Table:
-        """The DuckDB warehouse's merge SQL, run in memory over Arrow (same semantics)."""
-        con = self._con
-        assert con is not None, "warehouse not open"
-        con.register("batch_outcomes", batch)
-        con.register("previous_rows", previous)
-        try:
-            merged = _to_arrow(con.sql(MERGE_ETL_CALLS_SQL))
-        finally:
-            con.unregister("batch_outcomes")
-        merged = merged.select(schema.ETL_CALLS.column_names)
-        return merged.cast(schema.ETL_CALLS.arrow_schema)
 
     def _transact(self, work: Callable[[Transaction], None]) -> None:
         with self._writing():
@@ -922,8 +864,7 @@ class ParquetWarehouse(Warehouse):
             heal(self.path)
             self._index = load_index(self.path)
         except OSError:
-            # The disk still refuses (full, read-only): report the first failure; the
-            # next open heals. The warehouse is unusable until then.
+            # The disk still refuses: report the first failure; the next open heals.
             if isinstance(failure, OSError):
                 return
             raise
