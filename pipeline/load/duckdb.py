@@ -31,8 +31,8 @@ from pipeline.lock import OutputLock, read_lock
 from pipeline.records import CallOutcome
 
 _MAGIC_OFFSET, _MAGIC = 8, b"DUCK"
-#: WAL size that triggers a checkpoint (a rewrite of every index): DuckDB's default made long runs quadratic.
-CHECKPOINT_THRESHOLD = "1GB"
+#: Rows per row group: small groups keep a batch's big strings from piling up in memory before a write.
+ROW_GROUP_SIZE = 2048
 #: Share of the memory limit that unspillable long strings committed since the last checkpoint may pin.
 UNFLUSHED_SHARE = 0.5
 #: Below the size from which DuckDB pins a string in memory until a checkpoint.
@@ -140,15 +140,26 @@ class DuckDBWarehouse(Warehouse):
         # DuckDB's buffer pool would otherwise grow towards most of RAM during a long replay.
         config = {
             "memory_limit": self.memory_limit,
-            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
             "temp_directory": str(temp_path(self.path)),
-            # Applies to a new file only; an existing file keeps the format it has.
-            "storage_compatibility_version": STORAGE_VERSION,
+            "threads": 1,
+            "preserve_insertion_order": False,
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = duckdb.connect(str(self.path), config=config)
-            create_tables(self._con)
+            con = duckdb.connect(config=config)
+            try:
+                path = str(self.path).replace("'", "''")
+                # Storage version and row-group size apply to a new file; an existing one keeps its own.
+                con.execute(
+                    f"ATTACH '{path}' AS warehouse (STORAGE_VERSION '{STORAGE_VERSION}', ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+                )
+                con.execute("USE warehouse")
+                con.execute("SET force_compression = 'zstd'")
+                create_tables(con)
+            except BaseException:
+                con.close()
+                raise
+            self._con = con
         except (duckdb.Error, OSError) as exc:
             raise open_failure(self.path, "DuckDB file", exc) from exc
 
