@@ -36,7 +36,7 @@ from pipeline.errors import UsageError
 from pipeline.extract import ExtractStats, list_endpoint
 from pipeline.ledger import watermark_row  # noqa: F401 (re-exported: the watermark row lives in the ledger)
 from pipeline.redact import redact_call
-from pipeline.transform import parse_rfc3339
+from pipeline.records import parse_rfc3339
 
 #: A listed ``created`` later than now plus this is implausible: it never moves the watermark.
 MAX_CLOCK_SKEW = timedelta(minutes=10)

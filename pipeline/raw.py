@@ -28,7 +28,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -37,7 +37,7 @@ import msgspec
 from pipeline import jsonio
 from pipeline.api_schema import Page
 from pipeline.calls_input import normalize_call_id
-from pipeline.records import CallFetch, rfc3339, utcnow
+from pipeline.records import CallFetch, parse_rfc3339, rfc3339, utcnow
 from pipeline.redact import RedactionError, redact_page
 
 try:
@@ -400,8 +400,7 @@ def _typed_record(line: LandedLine) -> dict[str, Any]:
 def _parse_time(value: Any) -> datetime:
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parse_rfc3339(value)
         except ValueError:
             pass
     return utcnow()

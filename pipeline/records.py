@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +20,33 @@ def utcnow() -> datetime:
 def rfc3339(value: datetime) -> str:
     """The one timestamp style of every JSON output: ``2026-12-01T20:18:46.123456Z``."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# RFC 3339 date-time: "T"/"Z" in either case (RFC 3339 §5.6), a space for "T" (common),
+# any number of fractional digits (truncated to microseconds).
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime (microsecond precision)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"created {text[:40]!r} is not an RFC 3339 timestamp")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    try:
+        micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros)
+        offset = timedelta(0)
+        if not zulu:
+            if int(off_m) > 59:
+                raise ValueError("offset minutes out of range")
+            offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (-1 if sign == "-" else 1)
+        return local.replace(tzinfo=timezone(offset)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise ValueError(f"created {text[:40]!r} is not a valid date and time") from None
 
 
 def new_run_id(now: datetime | None = None) -> str:

@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -35,6 +35,7 @@ from pipeline.api_schema import (
     INT64_MAX, INT64_MIN, NULL, Stage, decode_stage, decode_voice, decode_voice_settings, describe, needs_fallback,
 )
 from pipeline.durations import duration_nanos
+from pipeline.records import parse_rfc3339
 from pipeline.redact import RedactionError, may_hold_secret, redact_stage, redact_voice
 
 ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
@@ -102,32 +103,6 @@ def _duration_nanos(text: str, where: str) -> int:
 
 # The shapes the API sends, which Arrow's cast parses exactly like the slow path.
 _CREATED_FAST = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
-# RFC 3339 date-time: "T"/"Z" in either case (RFC 3339 §5.6), a space for "T" (common),
-# any number of fractional digits (truncated to microseconds).
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
-    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
-)
-
-
-def parse_rfc3339(text: str) -> datetime:
-    """An RFC 3339 timestamp as an aware UTC datetime (microsecond precision)."""
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"created {text[:40]!r} is not an RFC 3339 timestamp")
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    try:
-        micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
-        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros)
-        offset = timedelta(0)
-        if not zulu:
-            if int(off_m) > 59:
-                raise ValueError("offset minutes out of range")
-            offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (-1 if sign == "-" else 1)
-        return local.replace(tzinfo=timezone(offset)).astimezone(timezone.utc)
-    except (ValueError, OverflowError):
-        raise ValueError(f"created {text[:40]!r} is not a valid date and time") from None
-
 
 def _timestamps(values: Sequence[str | None]) -> tuple[pa.Array, dict[int, str]]:
     """Parse a column of ``created`` strings: (array, {row: reason} for bad rows)."""
