@@ -351,7 +351,7 @@ def main() -> None:
                     "seconds": seconds,
                 })
         rows.extend(floors(landing, tmp, sizes[-1]))
-        export_sizes = [100, 1_000] if small else [1_000, 10_000]
+        export_sizes = [100, 300] if small else [1_000, 10_000]
         for calls in export_sizes:
             stages, rss = export_memory(calls, tmp)
             peaks.setdefault("export", []).append(rss)

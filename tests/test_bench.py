@@ -19,7 +19,7 @@ def test_bench_smoke_rows_are_sane(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["what"]: row for row in json.loads(rows_file.read_text())}
     for label in ("extract 40 calls", "end to end", "replay 500 stages → duckdb", "replay 2,000 stages → parquet",
-                  "floor: gunzip + json.loads only", "floor: DuckDB storing", "export 1,000 calls",
+                  "floor: gunzip + json.loads only", "floor: DuckDB storing", "export 300 calls",
                   "memory growth, replay → duckdb", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
                   "100 KB prompts, 1% 1 MB) → parquet"):
         assert any(label in what for what in rows), f"missing bench row {label!r}: {list(rows)}"

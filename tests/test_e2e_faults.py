@@ -27,8 +27,8 @@ def config(tmp_path, text=RETRY_FAST):
     return str(path)
 
 
-def test_1000_calls_at_20_percent_faults_exact(tmp_path, start_sandbox, cli):
-    box = start_sandbox(n_calls=1000, seed=21, fault_rate=0.2, retry_after="0")
+def test_400_calls_at_20_percent_faults_exact(tmp_path, start_sandbox, cli):
+    box = start_sandbox(n_calls=400, seed=21, fault_rate=0.2, retry_after="0")
     db = tmp_path / "w.duckdb"
     ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
     res = cli("run", "--calls-file", ids, "--output", str(db), "--base-url", box.base_url,
@@ -37,7 +37,7 @@ def test_1000_calls_at_20_percent_faults_exact(tmp_path, start_sandbox, cli):
     assert_matches(db, expected_for(box.data, box.data.call_ids))
     with duckdb.connect(str(db), read_only=True) as con:
         retries = con.execute("SELECT http_retries FROM etl_runs").fetchall()[0][0]
-    assert retries > 100  # the faults really happened and were retried
+    assert retries > 40  # the faults really happened and were retried (about one request in four)
 
 
 def _spawn_run(args, env):
