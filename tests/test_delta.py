@@ -299,10 +299,11 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_kill9_loop_then_clean_run(out: Path) -> None:
+@pytest.mark.parametrize("rounds", [pytest.param(2, id="2-rounds"), pytest.param(5, id="5-rounds", marks=pytest.mark.slow)])
+def test_kill9_loop_then_clean_run(out: Path, rounds: int) -> None:
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
-    for round_no in range(5):
+    for round_no in range(rounds):
         child = subprocess.run([sys.executable, "-c", _CHILD, str(out), str(round_no)], cwd=root, env=env, capture_output=True)
         assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
         con = connect_views(out)  # readers stay consistent between crashes

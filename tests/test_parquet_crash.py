@@ -201,6 +201,11 @@ def crash_loop(tmp_path: Path, rounds: int, seed: int) -> None:
     assert_unique(out)
 
 
+def test_kill_at_every_commit_step(tmp_path: Path) -> None:
+    crash_loop(tmp_path, rounds=len(STEPS), seed=1)  # one crash at each step
+
+
+@pytest.mark.slow
 def test_kill_at_random_moments_and_every_commit_step(tmp_path: Path) -> None:
     crash_loop(tmp_path, rounds=2 * len(STEPS), seed=1)  # every commit step twice
 
