@@ -24,6 +24,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import AuthError, UnreachableError
 from pipeline.records import CallOutcome, RunRecord, rfc3339, utcnow
@@ -209,8 +210,7 @@ def merged_etl_calls(con: duckdb.DuckDBPyConnection, batch: pa.Table, previous: 
     con.register("previous_rows", previous)
     try:
         rel = con.sql(f"WITH previous AS (SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows) {MERGE_ETL_CALLS_SQL}")
-        # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
-        merged = (getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table)()
+        merged = to_arrow(rel)
     finally:
         con.unregister("batch_outcomes")
         con.unregister("previous_rows")

@@ -70,6 +70,7 @@ os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError, WarehouseError
 from pipeline.ledger import merged_etl_calls, outcomes_table
@@ -611,8 +612,7 @@ class DeltaWarehouse(Warehouse):
         try:
             where = f" WHERE {key} IN (SELECT k FROM scan_keys)" if key is not None else ""
             rel = con.sql(f"SELECT {', '.join(columns)} FROM scan_source{where}")
-            fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
-            rows = fetch()
+            rows = to_arrow(rel)
         finally:
             con.unregister("scan_source")
             con.unregister("scan_keys")

@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError
 from pipeline.ledger import MERGE_ETL_CALLS_SQL, outcomes_table
@@ -189,7 +190,7 @@ class DuckDBWarehouse(Warehouse):
         return dict(rows)
 
     def _stored_runs(self) -> pa.Table:
-        return _to_arrow(self.con.sql("SELECT * FROM etl_runs"))
+        return to_arrow(self.con.sql("SELECT * FROM etl_runs"))
 
     def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
         con = self.con
@@ -201,7 +202,7 @@ class DuckDBWarehouse(Warehouse):
                 "SELECT s.call_stage_id::VARCHAR AS call_stage_id, s.call_id::VARCHAR AS call_id "
                 "FROM call_stages s SEMI JOIN batch_stage_ids b ON s.call_stage_id = b.id::UUID"
             )
-            return _to_arrow(rel)
+            return to_arrow(rel)
         finally:
             con.unregister("batch_stage_ids")
 
@@ -280,11 +281,6 @@ class DuckDBWarehouse(Warehouse):
             raise
         finally:
             con.unregister("batch_outcomes")
-
-
-def _to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
-    # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
-    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:

@@ -90,6 +90,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError
 from pipeline.ledger import merged_etl_calls, outcomes_table
@@ -168,12 +169,6 @@ def _conform(rows: pa.Table, table: schema.Table) -> pa.Table:
     if rows.schema.equals(target):
         return rows
     return rows.select(table.column_names).cast(target)
-
-
-def _to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
-    # duckdb >= 1.4 prefers to_arrow_table(); older versions only have fetch_arrow_table().
-    fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
-    return fetch()
 
 
 def lock_path(root: Path) -> Path:
@@ -771,7 +766,7 @@ class ParquetWarehouse(Warehouse):
         con.register("batch_stage_ids", pa.table({"id": stage_ids}))
         try:
             # Two columns of every stage file: stage ids are in no index, and UUIDs defeat min/max pruning.
-            return _to_arrow(
+            return to_arrow(
                 con.sql(
                     f"SELECT lower(s.call_stage_id) AS call_stage_id, lower(s.call_id) AS call_id "
                     f"FROM read_parquet([{paths}], hive_partitioning = false) s "
