@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -161,7 +162,7 @@ def _settings(config_file: str | None, **cli: Any) -> Settings:
     if settings.output is not None and not format_given:
         fmt, _ = warehouse_at(settings.output)
         if fmt != settings.format:
-            return load_settings(config_file, {**cli, "format": fmt})
+            return dataclasses.replace(settings, format=fmt)
     return settings
 
 
