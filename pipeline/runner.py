@@ -27,12 +27,13 @@ from pipeline.config import Settings
 from pipeline.discover import Discovered, Discovery, discover, parse_watermark
 from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
 from pipeline.extract import ExtractStats, extract_calls
+from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import release_free_memory, use_system_allocator
-from pipeline.raw import BadLine, RawWriter, heal_partial_files, read_landing_zone
+from pipeline.raw import BadLine, RawWriter, heal_partial_files
+from pipeline.replay_reader import ReplayReader
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
-from pipeline.transform import transform_calls
 
 #: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
 FLUSH_EVERY_SECONDS = 5.0
@@ -139,50 +140,42 @@ class BatchLoader:
         self.run = run
         self.reporter = reporter
         self.raw = raw
-        self.batch_stages = batch_stages
-        self.batch_bytes = batch_bytes
-        self.pending: dict[str, CallFetch] = {}
-        self.pending_stages = 0
-        self.pending_bytes = 0
+        self.pending = PendingCalls(batch_stages, batch_bytes)
         self.done = 0
         self.last_flush = time.monotonic()
 
-    def fits(self, fetch: CallFetch) -> bool:
-        """False when ``fetch`` would take the batch over its byte budget: flush first.
+    @property
+    def pending_stages(self) -> int:
+        return self.pending.stages
 
-        A call above the budget on its own still fits an empty batch: it forms its own."""
-        return not self.pending or self.pending_bytes + fetch.nbytes <= self.batch_bytes
+    def fits(self, fetch: CallFetch) -> bool:
+        return self.pending.fits(fetch)
 
     def add(self, fetch: CallFetch) -> None:
         # The same call twice in one run (replay): the later fetch wins, the call counts once.
-        previous = self.pending.pop(fetch.call_id, None)
-        if previous is not None:
-            self.pending_stages -= _stage_weight(previous)
-            self.pending_bytes -= previous.nbytes
-        elif fetch.call_id not in self.run.tally:
+        if self.pending.add(fetch) and fetch.call_id not in self.run.tally:
             self.done += 1
-        self.pending[fetch.call_id] = fetch
-        self.pending_stages += _stage_weight(fetch)
-        self.pending_bytes += fetch.nbytes
 
     def full(self) -> bool:
-        return bool(self.pending) and (self.pending_stages >= self.batch_stages or self.pending_bytes >= self.batch_bytes)
+        return self.pending.full()
 
     def due(self) -> bool:
         return self.full() or (bool(self.pending) and time.monotonic() - self.last_flush >= FLUSH_EVERY_SECONDS)
 
     def flush(self) -> None:
-        fetches = list(self.pending.values())
-        self.pending, self.pending_stages, self.pending_bytes = {}, 0, 0
+        fetches = self.pending.take()
         self.last_flush = time.monotonic()
         if not fetches:
             return
         fetches = self._land(fetches)  # landed (and fsynced) before anything is transformed
-        loaded = [(f.call_id, f.stages()) for f in fetches if f.status == "loaded"]
-        result = transform_calls(loaded, self.run.run_id, utcnow())
-        outcomes = [self._outcome(f, result.failures, result.stage_counts) for f in fetches]
+        self.commit(prepare_batch(fetches, self.run.run_id))
+
+    def commit(self, batch: PreparedBatch) -> None:
+        """Commit a prepared batch, count its outcomes and report its failures."""
+        for event, message, fields in batch.warnings:
+            self.reporter.warning(event, message, **fields)
         # As committed: the warehouse fails a call whose stage id another call owns.
-        for outcome in self.warehouse.commit_calls(result.tables, outcomes, self.run.run_id):
+        for outcome in self.warehouse.commit_calls(batch.tables, batch.outcomes, self.run.run_id):
             self.run.count(outcome)
             if outcome.status == "failed":
                 self.reporter.warning(
@@ -190,7 +183,7 @@ class BatchLoader:
                     call_id=outcome.call_id, reason=outcome.error,
                 )
         self.warehouse.publish(self.run)  # live progress for `status` in another process
-        del fetches, loaded, result
+        del batch
         release_free_memory()
 
     def _land(self, fetches: list[CallFetch]) -> list[CallFetch]:
@@ -216,29 +209,10 @@ class BatchLoader:
             return _not_landed(fetch, str(exc) if isinstance(exc, StagesError) else type(exc).__name__)
         return _not_landed(fetch, not_landed[fetch.call_id]) if fetch.call_id in not_landed else fetch
 
-    def _outcome(self, fetch: CallFetch, failures: dict[str, str], counts: dict[str, int]) -> CallOutcome:
-        status, error, stages = fetch.status, fetch.error, None
-        if status == "loaded":
-            if fetch.call_id in failures:
-                status, error = "failed", failures[fetch.call_id]
-            else:
-                stages = counts.get(fetch.call_id, 0)
-                if fetch.total_mismatch:
-                    total, rows = fetch.total_mismatch
-                    error = f"API reported total {total} but {rows} stages were received"
-                    self.reporter.warning("total_mismatch", f"call {fetch.call_id}: {error}", call_id=fetch.call_id)
-        elif status == "not_found":
-            stages = 0
-        return CallOutcome(fetch.call_id, status, stages, error, fetch.fetched_at)
-
 
 def _not_landed(fetch: CallFetch, reason: str) -> CallFetch:
     return dataclasses.replace(fetch, status="failed", pages=[], page_urls=[],
                                error=f"cannot write its pages to the raw landing zone: {reason}")
-
-
-def _stage_weight(fetch: CallFetch) -> int:
-    return sum(len(p["results"]) for p in fetch.pages) + 1
 
 
 def _raw_write_error(raw: RawWriter, exc: OSError) -> WarehouseError:
@@ -544,8 +518,7 @@ def run_replay(
     started = time.monotonic()
     use_system_allocator()
     with StopSignals() as guard:
-        # Write-behind: the next batch is read and transformed while this one is written.
-        warehouse = _open(settings, wait_for_lock, wait_seconds, write_behind=True)
+        warehouse = _open(settings, wait_for_lock, wait_seconds)
         with warehouse:
             run = _new_run(settings, {"replay": str(raw_dir)})
             result = RunResult(run)
@@ -555,9 +528,10 @@ def run_replay(
                 reporter.machine("run_started", f"run {run.run_id}: replaying {raw_dir}", run_id=run.run_id,
                                  replay=str(raw_dir), output=settings.output_location, format=settings.format)
                 _heal_landing_zone(raw_dir, reporter)
-                guard.deferring = True  # stop between calls read, never inside a commit
-                _replay_into(raw_dir, BatchLoader(warehouse, run, reporter, None, settings.batch_stages,
-                                                  settings.batch_bytes), result, guard)
+                guard.deferring = True  # stop between batches, never inside a commit
+                loader = BatchLoader(warehouse, run, reporter)
+                with ReplayReader(raw_dir, settings.replay_batch_stages, settings.replay_batch_bytes, run.run_id) as reader:
+                    _replay_into(reader, loader, result, guard)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()
@@ -583,21 +557,19 @@ def _heal_landing_zone(raw_dir: Path, reporter: Reporter) -> None:
         reporter.warning("raw_zone", message)
 
 
-def _replay_into(raw_dir: Path, loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
-    def bad_line(bad: BadLine) -> None:
-        result.bad_lines.append(bad)
-        loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
-
-    for fetch in read_landing_zone(raw_dir, bad_line):
+def _replay_into(reader: ReplayReader, loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
+    """Commit the reader's batches in order until its last message or a stop signal."""
+    run = loader.run
+    while (message := reader.next_message(lambda: guard.signum is not None)) is not None:
+        for bad in message.bad_lines:
+            result.bad_lines.append(bad)
+            loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
+        if message.batch is None:
+            break
+        loader.commit(message.batch)
+        loader.done = run.calls_requested = len(run.tally)
+        loader.reporter.progress(_snapshot(loader, None, None))
         if guard.signum is not None:
             break
-        if not loader.fits(fetch):
-            loader.flush()
-        loader.add(fetch)
-        loader.run.calls_requested = loader.done
-        loader.reporter.progress(_snapshot(loader, None, None))
-        if loader.full():
-            loader.flush()
-    loader.flush()
-    loader.run.calls_requested = loader.done
+    loader.done = run.calls_requested = len(run.tally)
     loader.reporter.progress(_snapshot(loader, None, None), force=True)

@@ -1,0 +1,178 @@
+"""Replay's reader: a second process reads and transforms the landing zone while this
+one commits, so decoding and the warehouse's writes each get a core (threads would
+share one interpreter lock).
+
+The reader sends one message per batch through a pipe: the batch's outcomes and
+warnings pickled, its tables as Arrow IPC streams (read back without a copy). A pipe
+holds one message at a time, so at most one batch waits while the next is built.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow as pa
+
+from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
+from pipeline.errors import EXIT_WAREHOUSE, StagesError
+from pipeline.raw import BadLine, read_landing_zone
+
+#: How often the committing side looks up from a wait (to notice a stop signal).
+POLL_SECONDS = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+class ReaderError(StagesError):
+    """The reader process failed or died."""
+
+    exit_code = EXIT_WAREHOUSE
+
+
+@dataclass
+class ReplayMessage:
+    """What the reader sends: bad lines read so far, then a batch (None once at the end)."""
+
+    bad_lines: list[BadLine] = field(default_factory=list)
+    batch: PreparedBatch | None = None
+
+
+def read_batches(raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str) -> Iterator[ReplayMessage]:
+    """The landing zone as prepared batches; the last message has no batch."""
+    pending = PendingCalls(batch_stages, batch_bytes)
+    bad_lines: list[BadLine] = []
+
+    def message(batch: PreparedBatch | None) -> ReplayMessage:
+        sent = ReplayMessage(bad_lines[:], batch)
+        bad_lines.clear()
+        return sent
+
+    for fetch in read_landing_zone(raw_dir, bad_lines.append):
+        if not pending.fits(fetch):
+            yield message(prepare_batch(pending.take(), run_id))
+        pending.add(fetch)
+        if pending.full():
+            yield message(prepare_batch(pending.take(), run_id))
+    if pending:
+        yield message(prepare_batch(pending.take(), run_id))
+    yield message(None)
+
+
+def _send(conn: Connection, message: ReplayMessage) -> None:
+    """The message as pipe frames: the pickled rest, then one Arrow IPC stream per table
+    (each table is let go once sent, so only one is held twice)."""
+    batch = message.batch
+    tables = {} if batch is None else batch.tables
+    head = (message.bad_lines, None if batch is None else (batch.outcomes, batch.warnings), list(tables))
+    conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
+    for name in list(tables):
+        sink = pa.BufferOutputStream()
+        table = tables.pop(name)
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        del table
+        conn.send_bytes(sink.getvalue())
+
+
+def _die_with_parent() -> None:
+    """On Linux, be killed with the committing process (a kill -9 of it must not leave us reading)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run_id: str) -> None:
+    # Stop signals are the committing process's to handle; it ends us when it stops.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+    conn = Connection(fd, readable=False)
+    try:
+        for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id):
+            _send(conn, message)
+            del message
+            pa.default_memory_pool().release_unused()
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the committing process is gone
+    except BaseException as exc:
+        try:
+            conn.send_bytes(pickle.dumps(("failed", f"{type(exc).__name__}: {exc}"[:300])))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+class ReplayReader:
+    """The reader process, as a source of :class:`ReplayMessage` (until the last one).
+
+    Started as ``python -m pipeline.replay_reader`` rather than by multiprocessing,
+    whose spawn would run the caller's main script again in the child."""
+
+    def __init__(self, raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str):
+        read_fd, write_fd = os.pipe()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.replay_reader", str(write_fd), str(raw_dir), str(batch_stages),
+                 str(batch_bytes), run_id],
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._conn = Connection(read_fd, writable=False)
+
+    def __enter__(self) -> ReplayReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def next_message(self, stopping: Callable[[], bool]) -> ReplayMessage | None:
+        """The next message; None once ``stopping()`` is true while waiting."""
+        while not self._conn.poll(POLL_SECONDS):
+            if stopping():
+                return None
+        try:
+            first = self._conn.recv_bytes()
+        except EOFError:
+            raise ReaderError(f"the replay reader process died (exit code {self._process.wait()}); run replay again") from None
+        head = pickle.loads(first)
+        if isinstance(head, tuple) and len(head) == 2 and head[0] == "failed":
+            raise ReaderError(f"the replay reader failed ({head[1]}); run with --debug and report it")
+        return self._rest(head)
+
+    def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:
+        bad_lines, rest, names = head
+        tables = {name: pa.ipc.open_stream(pa.py_buffer(self._conn.recv_bytes())).read_all() for name in names}
+        if rest is None:
+            return ReplayMessage(bad_lines, None)
+        outcomes, warnings = rest  # type: ignore[misc]
+        return ReplayMessage(bad_lines, PreparedBatch(tables, outcomes, warnings))
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+
+
+if __name__ == "__main__":
+    _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -1,0 +1,261 @@
+"""`replay` reads and transforms in a second process: its failures, stop signals and
+kill -9 must end both processes cleanly and leave the warehouse exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+import pipeline.replay_reader as replay_reader
+from pipeline.cli import cli
+from pipeline.raw import RawWriter
+from pipeline.records import CallFetch
+from pipeline.replay_reader import ReaderError, ReplayReader
+from pipeline.sandbox import SyntheticData
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _landing_zone(raw: Path, n_calls: int, seed: int = 5) -> SyntheticData:
+    data = SyntheticData(n_calls=n_calls, seed=seed)
+    writer = RawWriter(raw, "landed")
+    fetches = []
+    for call_id in data.call_ids:
+        stages = data.stages_for(call_id)
+        page = {"next": None, "previous": None, "results": stages, "total": len(stages)}
+        fetches.append(CallFetch(call_id, "loaded", pages=[page], page_urls=[f"https://api.ultravox.ai/api/calls/{call_id}/stages"]))
+        if len(fetches) == 500:
+            writer.write(fetches)
+            fetches = []
+    writer.write(fetches)
+    writer.close()
+    return data
+
+
+def _readers_of(raw: Path) -> list[int]:
+    """Pids of live reader processes working on ``raw`` (their command line names it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if b"pipeline.replay_reader" in cmdline and str(raw).encode() in cmdline and "zombie" not in state:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _calls_committed(db: Path) -> int:
+    """Calls committed so far by the run writing ``db``, from the live state in its lock file."""
+    try:
+        run = (json.loads(db.with_name(db.name + ".lock").read_text() or "{}").get("run") or {})
+    except (OSError, ValueError):
+        return 0
+    return int(run.get("calls_loaded") or 0)
+
+
+def _stored(db: Path, sql: str):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+
+
+def test_replay_from_a_script_without_a_main_guard_loads_everything_and_leaves_no_reader(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    data = _landing_zone(raw, 120)
+    db = tmp_path / "w.duckdb"
+    # A second process started by multiprocessing's spawn would run this script again.
+    script = tmp_path / "replay_it.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from pipeline.config import Settings\n"
+        "from pipeline.log import Reporter\n"
+        "from pipeline.runner import run_replay\n"
+        f"result = run_replay(Path({str(raw)!r}), Settings(output={str(db)!r}, replay_batch_stages=100), Reporter(progress=False))\n"
+        "print('loaded', result.run.stages_loaded)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    expected = sum(len(data.stages_for(c)) for c in data.call_ids)
+    assert done.stdout.split() == ["loaded", str(expected)]
+    assert _stored(db, "SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages") == [(expected, expected)]
+    assert _readers_of(raw) == []
+
+
+def test_a_reader_that_dies_fails_the_replay_with_one_line_exit_4_and_the_run_crashed(tmp_path: Path, monkeypatch) -> None:
+    raw = tmp_path / "raw"
+    _landing_zone(raw, 60)
+    started = ReplayReader.__init__
+
+    def start_then_die(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        self._process.kill()  # as the OOM killer would
+
+    monkeypatch.setattr(ReplayReader, "__init__", start_then_die)
+    db = tmp_path / "w.duckdb"
+    result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--no-progress"])
+    assert result.exit_code == 4, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "replay reader process died" in lines[0] and "Traceback" not in result.stderr
+    assert _stored(db, "SELECT status FROM etl_runs") == [("crashed",)]
+    assert _readers_of(raw) == []
+
+
+def _rows(tables) -> dict[str, list[dict]]:
+    """Rows by table, without the batch's extraction time."""
+    return {name: t.drop_columns([c for c in ("extracted_at",) if c in t.column_names]).to_pylist() for name, t in tables.items()}
+
+
+def _reader_in_fork(*args) -> ReplayReader:
+    """The reader's main function in a forked child (it sets signal dispositions), and
+    the committing end of its pipe."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            replay_reader._reader_main(write_fd, *args)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    reader = object.__new__(ReplayReader)
+    reader._conn = replay_reader.Connection(read_fd, writable=False)
+    reader._process = _Forked(pid)
+    return reader
+
+
+class _Forked:
+    """The Popen methods ReplayReader uses, for a forked child."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def test_a_failure_inside_the_reader_reaches_the_replay_as_one_line(tmp_path: Path, monkeypatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise MemoryError("no room for the batch")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(replay_reader, "read_batches", broken)
+    with _reader_in_fork(str(tmp_path), 10, 1000, "run-x") as reader:
+        with pytest.raises(ReaderError) as failed:
+            reader.next_message(lambda: False)
+    assert str(failed.value) == "the replay reader failed (MemoryError: no room for the batch); run with --debug and report it"
+    assert failed.value.exit_code == 4
+
+
+def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    data = _landing_zone(raw, 30)
+    (raw / "hand.jsonl").write_text("not json\n")
+    expected = list(replay_reader.read_batches(raw, 40, 1 << 20, "run-y"))
+    received = []
+    with _reader_in_fork(str(raw), 40, 1 << 20, "run-y") as reader:
+        while (message := reader.next_message(lambda: False)).batch is not None:
+            received.append(message)
+        received.append(message)
+    assert len(received) == len(expected) > 2
+    for got, want in zip(received, expected, strict=True):
+        assert [(b.where, b.reason) for b in got.bad_lines] == [(b.where, b.reason) for b in want.bad_lines]
+        if want.batch is None:
+            assert got.batch is None
+            continue
+        assert got.batch.outcomes == want.batch.outcomes
+        assert _rows(got.batch.tables) == _rows(want.batch.tables)
+    assert sum(len(m.bad_lines) for m in received) == 1
+    assert sum(o.stage_count or 0 for m in received if m.batch for o in m.batch.outcomes) == sum(
+        len(data.stages_for(c)) for c in data.call_ids)
+
+
+@pytest.fixture(scope="module")
+def big_landing_zone(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("big") / "raw"
+    _landing_zone(raw, 1200, seed=11)
+    return raw
+
+
+def test_sigterm_during_replay_commits_whole_batches_exits_143_and_ends_the_reader(tmp_path: Path, big_landing_zone: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    config = tmp_path / "small-batches.toml"
+    config.write_text("replay_batch_stages = 100\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
+         "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    assert _wait_for(lambda: _calls_committed(db) > 0 or proc.poll() is not None)
+    assert proc.poll() is None, proc.communicate()
+    assert _readers_of(big_landing_zone) != []
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "interrupted" and "SIGTERM" in events[-1]["message"]
+    assert _readers_of(big_landing_zone) == []
+    (status, stages), = _stored(db, "SELECT status, stages_loaded FROM etl_runs")
+    assert status == "interrupted"
+    # Whole calls only: every call's stored stages are all its stages.
+    assert _stored(db, "SELECT count(*) FROM etl_calls c WHERE status = 'loaded' AND stage_count <> "
+                       "(SELECT count(*) FROM call_stages s WHERE s.call_id = c.call_id)") == [(0,)]
+    assert _stored(db, "SELECT count(*) FROM call_stages") == [(stages,)]
+
+
+def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path: Path, big_landing_zone: Path) -> None:
+    db = tmp_path / "w.duckdb"
+    config = tmp_path / "small-batches.toml"
+    config.write_text("replay_batch_stages = 100\n")
+    command = [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
+               "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    assert _wait_for(lambda: _readers_of(big_landing_zone) != [] or proc.poll() is not None)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _wait_for(lambda: _readers_of(big_landing_zone) == [])
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _stored(db, "SELECT count(*) = count(DISTINCT call_stage_id) FROM call_stages") == [(True,)]
+    assert _stored(db, "SELECT status FROM etl_runs ORDER BY started_at") == [("crashed",), ("succeeded",)]
+    expected = sum(len(stages) for stages in (SyntheticData(n_calls=1200, seed=11).stages_for(c)
+                                              for c in SyntheticData(n_calls=1200, seed=11).call_ids))
+    assert _stored(db, "SELECT count(*) FROM call_stages") == [(expected,)]
