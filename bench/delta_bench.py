@@ -76,6 +76,7 @@ def child(target: str, location: str, n_batches: int, stages_per_batch: int, rep
     with warehouse:
         for n, (phase, ids) in enumerate(plan):
             run_id = f"bench-{n}"
+            now = datetime.now(timezone.utc)  # one extraction time per batch, as in a run
             result = transform_calls([(c, data.stages_for(c)) for c in ids], run_id, now)
             outcomes = [CallOutcome(c, "loaded", result.stage_counts[c], None, now) for c in ids]
             started = time.perf_counter()

@@ -8,7 +8,8 @@ Run states cannot lie: a run still marked ``running`` while nobody holds the out
 writer lock died (kill -9, power loss) and is reported ``crashed``; when the output is
 writable, ``status`` takes the free lock for a moment and records that. While a run is
 writing, ``status`` answers from the live state the writer publishes in its lock file
-(and, for Parquet, from the committed files; a DuckDB file is locked by its writer).
+(the lock object on S3; and, for Parquet and Delta, from the committed tables; a DuckDB
+file is locked by its writer). An S3 lock its writer stopped refreshing is a dead one.
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _live_writer(fmt: str, path: Path) -> dict[str, Any] | None:
-    """The state document of the writer holding the output's lock, if one does."""
+def _writer_lock(fmt: str, path: Path) -> tuple[bool, dict[str, Any]] | None:
+    """(held by a live writer, its state document) of the output's writer lock; None
+    when the output has no lock to probe."""
+    if fmt == "delta":
+        from pipeline.load.delta import read_writer_lock
+
+        return read_writer_lock(path)
     lock = lock_file(fmt, path)
-    if lock is None:
-        return None
-    held, doc = read_lock(lock)
-    return doc if held else None
+    return None if lock is None else read_lock(lock)
 
 
 def _record_crashes(fmt: str, path: Path) -> None:
@@ -107,11 +110,12 @@ def _read_tables(fmt: str, path: Path, live: dict[str, Any] | None) -> dict[str,
 
 
 def status_report(fmt: str, path: Path, style: str) -> tuple[str, bool]:
-    live = _live_writer(fmt, path)
+    lock = _writer_lock(fmt, path)
+    live = lock[1] if lock is not None and lock[0] else None
     tables = _read_tables(fmt, path, live)
     current = (live or {}).get("run") or None
     # Its writer is gone: the run is reported crashed whether or not that can be recorded.
-    if tables is not None and live is None and lock_file(fmt, path) is not None and ledger.settle_ghosts(tables["runs"]):
+    if tables is not None and live is None and lock is not None and ledger.settle_ghosts(tables["runs"]):
         _record_crashes(fmt, path)
     if tables is not None:
         last = ledger.last_finished(tables["runs"], current["run_id"] if current else None)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import boto3
 import pytest
@@ -20,6 +22,7 @@ from deltalake import DeltaTable
 from pipeline.errors import OutputError, StagesError, WarehouseError
 from pipeline.load import delta
 from pipeline.load.delta import LOCK, MARKER, DeltaWarehouse, connect_views, maintain, storage_options
+from pipeline.records import RunRecord
 from test_delta import IDS, commit
 
 SECRET = "s3cr3t-Key-that-must-never-be-written"
@@ -27,8 +30,9 @@ BUCKET = "warehouse-bucket"
 
 
 _SERVER = """
-import sys
+import logging, sys
 from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a log line per request slows the server down
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)
@@ -69,12 +73,14 @@ def s3(moto_port: int, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         yield client
     finally:  # one server for the module: empty the bucket for the next test
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for item in page.get("Contents", []):
-                client.delete_object(Bucket=BUCKET, Key=item["Key"])
+            if page.get("Contents"):
+                keys = [{"Key": item["Key"]} for item in page["Contents"]]
+                client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
         client.delete_bucket(Bucket=BUCKET)
 
 
 URI = f"s3://{BUCKET}/exports/stages"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def s3_table(name: str) -> DeltaTable:
@@ -113,17 +119,57 @@ def test_second_writer_refused_on_s3(s3: object) -> None:
         pass
 
 
-def test_lock_of_a_dead_writer_is_taken_over_after_expiry(s3, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    body = json.dumps({"pid": 999999, "host": "gone", "started_at": "2026-01-01T00:00:00Z"}).encode()
-    s3.put_object(Bucket=BUCKET, Key=f"exports/stages/{LOCK}", Body=body)
-    with pytest.raises(OutputError) as info:  # within its expiry: refused, holder named
-        DeltaWarehouse(URI).open()
-    assert "pid 999999 on gone" in str(info.value)
-    monkeypatch.setattr(delta, "LOCK_TTL_SECONDS", 1.0)
-    time.sleep(2.5)  # the dead writer's lock ages past its expiry (store clock)
-    with DeltaWarehouse(URI) as w:
+_LIVE_WRITER = """
+import sys, time
+from datetime import UTC, datetime
+from pipeline.load.delta import DeltaWarehouse
+from pipeline.records import RunRecord
+w = DeltaWarehouse(sys.argv[1])
+w.open()
+run = RunRecord("run-live", datetime.now(UTC), "0.1", {}, calls_requested=40, calls_loaded=12, calls_failed=1,
+                stages_loaded=30)
+w.save_run(run)
+w.publish(run)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_status_shows_the_live_s3_writer_and_settles_it_once_its_lock_expires(s3, cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    with DeltaWarehouse(URI) as w:  # a finished run before the one in progress
         commit(w, IDS[:5], "run-1")
-    assert s3_table("etl_calls").to_pyarrow_table().num_rows == 5
+        finished = datetime(2026, 11, 30, 0, 1, tzinfo=UTC)
+        w.save_run(RunRecord("run-1", finished, "0.1", {}, finished_at=finished, status="succeeded"))
+    env = {name: os.environ[name] for name in os.environ if name.startswith("AWS_")}
+    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, URI], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        live = cli("status", "--output", URI, "--format", "json", env_extra=env)
+        doc = json.loads(live.stdout)
+        assert live.code == 0 and doc["healthy"], live.stdout + live.stderr
+        assert doc["writing_now"]["pid"] == writer.pid
+        published = {"run_id": "run-live", "calls_requested": 40, "calls_loaded": 12, "calls_failed": 1, "stages_loaded": 30}
+        assert doc["writing_now"]["run"].items() >= published.items()
+        assert {r["run_id"]: r["status"] for r in doc["last_runs"]} == {"run-1": "succeeded", "run-live": "running"}
+        text = cli("status", "--output", URI, env_extra=env).stdout
+        assert f"Run run-live is writing now (pid {writer.pid}" in text and "13/40 calls done" in text, text
+        with pytest.raises(OutputError) as refused:  # a second writer still sees the lock
+            DeltaWarehouse(URI).open()
+        assert f"pid {writer.pid}" in str(refused.value)
+    finally:
+        writer.kill()  # kill -9: the lock object stays, no longer refreshed
+        writer.wait()
+    monkeypatch.setattr(delta, "LOCK_TTL_SECONDS", 0.5)
+    time.sleep(1.1)  # the store stamps objects to the second: the lock is now a second old
+    dead = cli("status", "--output", URI, "--format", "json", env_extra=env)
+    doc = json.loads(dead.stdout)
+    assert doc["writing_now"] is None and {r["run_id"]: r["status"] for r in doc["last_runs"]}["run-live"] == "crashed"
+    con = connect_views(URI)  # recorded: status took the dead writer's lock over for a moment
+    try:
+        assert con.sql("SELECT status FROM etl_runs WHERE run_id = 'run-live'").fetchall() == [("crashed",)]
+    finally:
+        con.close()
+    assert delta.read_s3_lock(URI) == (False, {})  # and released it
 
 
 def test_writer_whose_lock_was_taken_over_stops(s3) -> None:  # type: ignore[no-untyped-def]
@@ -163,13 +209,14 @@ def test_crash_mid_batch_healed_on_s3(s3, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_maintain_on_s3(s3: object) -> None:
     with DeltaWarehouse(URI) as w:
-        for n in range(4):
+        for n in range(2):
             commit(w, IDS[n * 10 : n * 10 + 15], f"run-{n}")
-    before = len(s3_table("call_stages").file_uris())
-    rows = s3_table("call_stages").to_pyarrow_table().num_rows
+    stages = s3_table("call_stages")
+    before, rows = len(stages.file_uris()), stages.to_pyarrow_table().num_rows
     figures = maintain(URI, retention_hours=0)
-    assert figures["call_stages"]["files_after"] < before
-    assert s3_table("call_stages").to_pyarrow_table().num_rows == rows
+    stages.update_incremental()
+    assert figures["call_stages"]["files_after"] == len(stages.file_uris()) < before
+    assert figures["call_stages"]["files_vacuumed"] > 0 and stages.to_pyarrow_table().num_rows == rows
 
 
 def test_credentials_never_written_and_no_unsafe_rename(s3) -> None:  # type: ignore[no-untyped-def]
@@ -205,7 +252,7 @@ def test_waiting_for_the_s3_lock_gives_up_after_wait_seconds(s3: object) -> None
 def test_the_cli_exports_to_s3_exactly_and_status_report_tables_query_read_it(s3, start_sandbox, cli, tmp_path):
     from conftest import expected_for, write_ids
 
-    box = start_sandbox(n_calls=40, seed=4, fault_rate=0.15)
+    box = start_sandbox(n_calls=24, seed=4, fault_rate=0.15)
     ids = write_ids(tmp_path / "ids.txt", box.data.call_ids)
     cfg = tmp_path / "fast.toml"
     cfg.write_text("backoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.01\nretry_after_max_seconds = 0.01\n")

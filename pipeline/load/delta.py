@@ -17,10 +17,16 @@ reads and rewrites only the files of the dates its old stages sit in.
 
 Commits. Delta commits are per table, so a batch is several commits: for each data
 table, the old rows of the batch's already-known calls are deleted (a MERGE joined on
-call_id and created_date: a hash join, partitions pruned) and the batch's rows appended;
-then etl_calls is upserted (MERGE on call_id), the batch's commit marker. (An overwrite
-with a ``call_id IN (...)`` predicate would be one commit per table, but deltalake
-evaluates such a list row by row: much slower for a batch of calls.)
+call_id, created_date and, in call_stages, extracted_at: a hash join that reads only
+those dates and the files whose extracted_at range meets the old rows', i.e. the files
+of the batches that wrote them) and the batch's rows appended; then etl_calls is
+upserted (MERGE on call_id), the batch's commit marker. (An overwrite with a
+``call_id IN (...)`` predicate would be one commit per table, but deltalake evaluates
+such a list row by row: much slower for a batch of calls.) Which call owns a stage,
+and where its rows sit, comes from an in-memory stage index read from call_stages once
+per session (random UUIDs defeat file statistics: on disk it means reading every stage
+file). Parquet statistics keep a 64-character prefix of long strings: whole prompts as
+min/max in every footer and Delta log entry made each table load grow with the commits.
 
 Every batch commit carries a batch number in its commit metadata (:data:`BATCH_KEY`);
 the etl_calls commit also records it as a Delta application transaction
@@ -56,6 +62,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,7 +82,7 @@ from pipeline import schema
 from pipeline.errors import OutputError, WarehouseError
 from pipeline.ledger import merged_etl_calls, outcomes_table
 from pipeline.load import Warehouse, check_local_output, deleted_table
-from pipeline.lock import OutputLock
+from pipeline.lock import OutputLock, read_lock
 from pipeline.records import CallOutcome, rfc3339, utcnow
 
 MARKER = "_ultravox_stages.json"
@@ -103,7 +110,8 @@ AWS_VARIABLES = (
     "AWS_ALLOW_HTTP",
 )
 _US_PER_DAY = 86_400_000_000
-_WRITER = WriterProperties(compression="ZSTD")
+#: Statistics (also copied into the Delta log) keep a prefix of long strings (see the module docstring).
+_WRITER = WriterProperties(compression="ZSTD", statistics_truncate_length=64)
 
 #: Test seam: called with ``"deleted:<table>"`` / ``"committed:<table>"`` after each data-table commit.
 CRASH_HOOK: Callable[[str], None] | None = None
@@ -274,7 +282,8 @@ class S3Lock:
                 raise OutputError(
                     f"another run is writing to this output ({holder}); wait for it to finish or pass --wait"
                 )
-            time.sleep(min(1.0, self.ttl / 4))
+            pause = min(1.0, self.ttl / 4)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name="delta-s3-lock", daemon=True)
         self._beat.start()
@@ -299,19 +308,17 @@ class S3Lock:
         except Exception as exc:
             if _client_error_code(exc) in ("NoSuchKey", "404"):
                 return None
-            raise
-        age = (datetime.now(timezone.utc) - found["LastModified"]).total_seconds()
-        try:
-            info = json.loads(found["Body"].read())
-        except ValueError:
-            info = {}
-        if age <= self.ttl:
+            raise OutputError(f"cannot read the lock object s3://{self.bucket}/{self.key}: {_client_error_code(exc) or exc}") from exc
+        info = _lock_document(found)
+        if _lock_age(found) <= self.ttl:
             return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started_at')}"
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=found["ETag"])
         except Exception as exc:
             if _client_error_code(exc) not in _CONFLICT_CODES | {"NoSuchKey", "404"}:
-                raise
+                raise OutputError(
+                    f"cannot remove the expired lock object s3://{self.bucket}/{self.key}: {_client_error_code(exc) or exc}"
+                ) from exc
         return None
 
     def publish(self, state: dict[str, Any]) -> None:
@@ -354,6 +361,44 @@ class S3Lock:
             self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
         except Exception:
             pass  # gone or unreachable: it expires after ttl
+
+
+def _lock_document(found: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        doc = json.loads(found["Body"].read())
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _lock_age(found: Mapping[str, Any]) -> float:
+    """Seconds since the lock object was last written, by the store's clock when its reply says the time."""
+    stamp = found.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        now = parsedate_to_datetime(stamp) if stamp else datetime.now(timezone.utc)
+    except (TypeError, ValueError):
+        now = datetime.now(timezone.utc)
+    return (now - found["LastModified"]).total_seconds()
+
+
+def read_s3_lock(uri: str) -> tuple[bool, dict[str, Any]]:
+    """(held by a live writer, its document) of an S3 output's lock object, without
+    touching it; a lock not refreshed for :data:`LOCK_TTL_SECONDS` is not held."""
+    bucket, prefix = _split_s3(uri)
+    key = _s3_key(prefix, LOCK)
+    try:
+        found = _s3_client().get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if _client_error_code(exc) in ("NoSuchKey", "404"):
+            return False, {}
+        raise OutputError(f"cannot read the lock object s3://{bucket}/{key}: {_client_error_code(exc) or exc}") from exc
+    return _lock_age(found) <= LOCK_TTL_SECONDS, _lock_document(found)
+
+
+def read_writer_lock(location: str | Path) -> tuple[bool, dict[str, Any]]:
+    """(held by a live writer, its live-state document): the lock file or the S3 lock object."""
+    uri = location_uri(location)
+    return read_s3_lock(uri) if is_s3(uri) else read_lock(Path(uri) / LOCK)
 
 
 # --------------------------------------------------------------------------- output checks
@@ -545,6 +590,7 @@ class DeltaWarehouse(Warehouse):
         self._tables: DeltaTables | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._batch = 0
+        self._stage_index_loaded = False
 
     @property
     def tables(self) -> DeltaTables:
@@ -581,6 +627,7 @@ class DeltaWarehouse(Warehouse):
         if self._con is not None:
             self._con.close()
             self._con = None
+        self._stage_index_loaded = False
         self._tables = None
         self._lock.release()
 
@@ -632,15 +679,75 @@ class DeltaWarehouse(Warehouse):
     def _rows(self, table: schema.Table, key: str | None = None, values: Sequence[str] | pa.Array = ()) -> pa.Table:
         return self._scan(table.name, table.column_names, key, values)
 
-    def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
-        # Two columns of every stage file: UUIDs defeat the files' min/max statistics.
-        rows = self._scan("call_stages", ["call_stage_id", "call_id"], "call_stage_id", stage_ids)
-        return pa.table(
-            {
-                "call_stage_id": pc.utf8_lower(rows["call_stage_id"].cast(pa.string())),
-                "call_id": pc.utf8_lower(rows["call_id"].cast(pa.string())),
-            }
+    # -- stage index: call, created_date and extracted_at of every stored stage id, in memory
+
+    def _stage_index(self) -> duckdb.DuckDBPyConnection:
+        """The connection holding ``stage_index`` (44 bytes a stage), read from
+        call_stages on first use and kept in step with each committed batch."""
+        con = self._con
+        assert con is not None, "warehouse not open"
+        if self._stage_index_loaded:
+            return con
+        con.execute(
+            "CREATE OR REPLACE TABLE stage_index "
+            f"(call_stage_id UUID, call_id UUID, {PARTITION_COLUMN} DATE, extracted_at TIMESTAMPTZ)"
         )
+        con.register("stage_source", arrow_dataset(self.tables["call_stages"], schema.CALL_STAGES))
+        try:
+            con.execute(
+                f"INSERT INTO stage_index SELECT call_stage_id::VARCHAR::UUID, call_id::VARCHAR::UUID, {PARTITION_COLUMN}, "
+                "extracted_at FROM stage_source"
+            )
+        finally:
+            con.unregister("stage_source")
+        self._stage_index_loaded = True
+        return con
+
+    def _index_lookup(self, sql: str, keys: Sequence[str] | pa.Array) -> pa.Table:
+        """``sql`` over stage_index joined to ``index_keys(k UUID)``."""
+        con = self._stage_index()
+        con.register("index_keys_source", pa.table({"k": pa.array(keys, pa.string())}))
+        try:
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE index_keys AS SELECT DISTINCT TRY_CAST(k AS UUID) AS k FROM index_keys_source"
+            )
+            return to_arrow(con.sql(sql))
+        finally:
+            con.unregister("index_keys_source")
+            con.execute("DROP TABLE IF EXISTS index_keys")
+
+    def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
+        rows = self._index_lookup(
+            "SELECT s.call_stage_id::VARCHAR AS call_stage_id, s.call_id::VARCHAR AS call_id "
+            "FROM stage_index s JOIN index_keys k ON s.call_stage_id = k.k",
+            stage_ids,
+        )
+        return rows.cast(pa.schema([("call_stage_id", pa.string()), ("call_id", pa.string())]))
+
+    def _stored_stage_keys(self, call_ids: Sequence[str]) -> pa.Table:
+        """Distinct (call_id, created_date, extracted_at) of the stored stages of ``call_ids``."""
+        rows = self._index_lookup(
+            f"SELECT DISTINCT s.call_id::VARCHAR AS call_id, s.{PARTITION_COLUMN}, s.extracted_at "
+            "FROM stage_index s JOIN index_keys k ON s.call_id = k.k",
+            call_ids,
+        )
+        extracted_at = schema.CALL_STAGES.arrow_schema.field("extracted_at").type
+        return rows.cast(pa.schema([("call_id", pa.string()), (PARTITION_COLUMN, pa.date32()), ("extracted_at", extracted_at)]))
+
+    def _index_batch(self, replaced: Sequence[str], stages: pa.Table) -> None:
+        """stage_index after a committed batch: the replaced calls' stages are the batch's."""
+        con = self._stage_index()
+        con.register("replaced_calls", pa.table({"k": pa.array(replaced, pa.string())}))
+        con.register("batch_stages", stages.select(["call_stage_id", "call_id", PARTITION_COLUMN, "extracted_at"]))
+        try:
+            con.execute("DELETE FROM stage_index WHERE call_id IN (SELECT k::UUID FROM replaced_calls)")
+            con.execute(
+                f"INSERT INTO stage_index SELECT call_stage_id::UUID, call_id::UUID, {PARTITION_COLUMN}, extracted_at "
+                "FROM batch_stages"
+            )
+        finally:
+            con.unregister("replaced_calls")
+            con.unregister("batch_stages")
 
     def _stored_runs(self) -> pa.Table:
         return self._rows(schema.ETL_RUNS)
@@ -681,21 +788,25 @@ class DeltaWarehouse(Warehouse):
         props = _props(batch, marker=name == schema.ETL_CALLS.name)
         _retry(
             lambda: target.merge(
-                rows, f"t.{key} = s.{key}", source_alias="s", target_alias="t",
+                rows, f"t.{key} = s.{key}", source_alias="s", target_alias="t", streamed_exec=False,
                 writer_properties=_WRITER, commit_properties=props,
             ).when_matched_update_all().when_not_matched_insert_all().execute(),
             target,
         )
 
     def _delete_calls(self, name: str, keys: pa.Table, batch: int) -> None:
-        """One commit: the rows of the (call_id, created_date) pairs in ``keys`` out.
-        Joining on the partition column too lets deltalake read only those dates."""
+        """One commit: the rows matching a row of ``keys`` on all its columns out
+        (call_id, created_date and, where the table has it, extracted_at)."""
         self._check_lock()
         target = self.tables[name]
-        predicate = f"t.call_id = s.call_id AND t.{PARTITION_COLUMN} = s.{PARTITION_COLUMN}"
+        if "extracted_at" not in schema.TABLES[name].column_names:
+            keys = keys.select(["call_id", PARTITION_COLUMN]).group_by(["call_id", PARTITION_COLUMN]).aggregate([])
+        predicate = " AND ".join(f"t.{column} = s.{column}" for column in keys.column_names)
+        # Unstreamed, deltalake prunes by the source's values: only the dates of ``keys``
+        # and the files whose extracted_at range meets theirs (streamed: every file).
         _retry(
             lambda: target.merge(
-                keys, predicate, source_alias="s", target_alias="t",
+                keys, predicate, source_alias="s", target_alias="t", streamed_exec=False,
                 writer_properties=_WRITER, commit_properties=_props(batch),
             ).when_matched_delete().execute(),
             target,
@@ -726,6 +837,7 @@ class DeltaWarehouse(Warehouse):
                 assert self._con is not None, "warehouse not open"
                 merged = merged_etl_calls(self._con, batch, previous)
                 self._merge_upsert("etl_calls", merged, "call_id", number)
+                self._index_batch(replaced, rows["call_stages"])
             except BaseException as exc:
                 # Half a batch is on disk: no more writes on top; the next open() restores it.
                 self._write_failure(exc)
@@ -749,13 +861,10 @@ class DeltaWarehouse(Warehouse):
 
     def _replace_data(self, rows: Mapping[str, pa.Table], known: set[str], number: int) -> None:
         """Each data table: the known calls' old rows out (by call and date, found in
-        call_stages: a child row sits in its stage's date), then the batch's rows in."""
-        old = pa.table({"call_id": pa.array([], pa.string()), PARTITION_COLUMN: pa.array([], pa.date32())})
-        if known:
-            found = self._scan("call_stages", ["call_id", PARTITION_COLUMN], "call_id", sorted(known))
-            old = found.group_by(["call_id", PARTITION_COLUMN]).aggregate([])
+        the stage index: a child row sits in its stage's date), then the batch's rows in."""
+        old = self._stored_stage_keys(sorted(known)) if known else None
         for table in schema.DATA_TABLES:
-            if old.num_rows:
+            if old is not None and old.num_rows:
                 self._delete_calls(table.name, old, number)
                 _crash_point(f"deleted:{table.name}")
             if rows[table.name].num_rows:
@@ -804,6 +913,15 @@ def _file_count(table: DeltaTable) -> int:
     return len(table.file_uris())
 
 
+def _has_small_files(table: DeltaTable) -> bool:
+    """Whether some partition holds more than one file (something to compact)."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    partition = f"partition.{PARTITION_COLUMN}"
+    if partition not in actions.column_names:
+        return actions.num_rows > 1
+    return actions.num_rows > len(set(actions[partition].to_pylist()))
+
+
 def maintain(
     location: str | Path, retention_hours: float = 168.0, wait_for_lock: bool = False, wait_seconds: float | None = None
 ) -> dict[str, dict[str, int]]:
@@ -818,7 +936,8 @@ def maintain(
             for table in schema.TABLES.values():
                 dt = warehouse.tables[table.name]
                 before = _file_count(dt)
-                _retry(dt.optimize.compact, dt)
+                if _has_small_files(dt):
+                    _retry(lambda dt=dt: dt.optimize.compact(writer_properties=_WRITER), dt)
                 # Shorter than the table's retention (default 7 days) must be allowed explicitly.
                 removed = dt.vacuum(
                     retention_hours=math.ceil(retention_hours), dry_run=False, enforce_retention_duration=False
