@@ -43,6 +43,8 @@ class ReplayMessage:
 
     bad_lines: list[BadLine] = field(default_factory=list)
     batch: PreparedBatch | None = None
+    #: On the last message: the reader's peak resident memory (KiB), where the OS tells it.
+    peak_rss_kb: int | None = None
 
 
 def read_batches(raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str) -> Iterator[ReplayMessage]:
@@ -71,7 +73,8 @@ def _send(conn: Connection, message: ReplayMessage) -> None:
     (each table is let go once sent, so only one is held twice)."""
     batch = message.batch
     tables = {} if batch is None else batch.tables
-    head = (message.bad_lines, None if batch is None else (batch.outcomes, batch.warnings), list(tables))
+    rest = (batch.outcomes, batch.warnings) if batch is not None else message.peak_rss_kb
+    head = (message.bad_lines, rest, list(tables))
     conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
     for name in list(tables):
         sink = pa.BufferOutputStream()
@@ -80,6 +83,14 @@ def _send(conn: Connection, message: ReplayMessage) -> None:
             writer.write_table(table)
         del table
         conn.send_bytes(sink.getvalue())
+
+
+def _peak_rss_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
 
 
 def _die_with_parent() -> None:
@@ -102,6 +113,8 @@ def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run
     conn = Connection(fd, readable=False)
     try:
         for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id):
+            if message.batch is None:
+                message.peak_rss_kb = _peak_rss_kb()
             _send(conn, message)
             del message
             pa.default_memory_pool().release_unused()
@@ -162,9 +175,9 @@ class ReplayReader:
     def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:
         bad_lines, rest, names = head
         tables = {name: pa.ipc.open_stream(pa.py_buffer(self._conn.recv_bytes())).read_all() for name in names}
-        if rest is None:
-            return ReplayMessage(bad_lines, None)
-        outcomes, warnings = rest  # type: ignore[misc]
+        if not isinstance(rest, tuple):
+            return ReplayMessage(bad_lines, None, rest)  # type: ignore[arg-type]
+        outcomes, warnings = rest
         return ReplayMessage(bad_lines, PreparedBatch(tables, outcomes, warnings))
 
     def close(self) -> None:

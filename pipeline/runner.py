@@ -226,6 +226,8 @@ class RunResult:
     seconds: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
     stats: ExtractStats | None = None
+    #: replay: the reader process's peak resident memory (KiB), where the OS tells it.
+    reader_peak_rss_kb: int | None = None
 
 
 def _new_run(settings: Settings, extra: dict[str, object] | None = None) -> RunRecord:
@@ -565,6 +567,7 @@ def _replay_into(reader: ReplayReader, loader: BatchLoader, result: RunResult, g
             result.bad_lines.append(bad)
             loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
         if message.batch is None:
+            result.reader_peak_rss_kb = message.peak_rss_kb
             break
         loader.commit(message.batch)
         loader.done = run.calls_requested = len(run.tally)

@@ -19,9 +19,10 @@ def test_bench_smoke_rows_are_sane(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["what"]: row for row in json.loads(rows_file.read_text())}
     for label in ("extract 40 calls", "end to end", "replay 500 stages → duckdb", "replay 2,000 stages → parquet",
-                  "floor: gunzip + json.loads only", "floor: DuckDB storing", "export 300 calls",
+                  "floor: gunzip + decoding the lines only", "floor: reading + transforming", "floor: DuckDB warehouse",
+                  "floor: pyarrow writing", "export 300 calls",
                   "memory growth, replay → duckdb", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
-                  "100 KB prompts, 1% 1 MB) → parquet"):
+                  "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"):
         assert any(label in what for what in rows), f"missing bench row {label!r}: {list(rows)}"
         assert label in done.stdout
     for what, row in rows.items():
@@ -31,3 +32,5 @@ def test_bench_smoke_rows_are_sane(tmp_path: Path) -> None:
             assert row["stages"] > 0, what
         if "rss_mb" in row:
             assert 20 < row["rss_mb"] < 4096, what
+        if "reader_rss_mb" in row:  # replay's reader process was there and measured
+            assert 20 < row["reader_rss_mb"] < 4096, what
