@@ -303,16 +303,8 @@ def big_prompt_exports(calls: int, tmp: Path) -> list[dict[str, object]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args()
-    small = args.smoke
-    rows: list[dict[str, object]] = []
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
-
-    rows.append(extraction_near_limit(40 if small else 1000, 50, 100, 16))
+def extraction_rows(small: bool) -> list[dict[str, object]]:
+    rows = [extraction_near_limit(40 if small else 1000, 50, 100, 16)]
     if not small:  # the same at other points: more in flight; a higher limit (ceiling 200 of 320)
         rows.append(extraction_near_limit(1000, 50, 100, 32))
         rows.append(extraction_near_limit(2000, 50, 200, 16))
@@ -322,65 +314,103 @@ def main() -> None:
         # The same short run with the default cap (195): the limit is learnt from the first 429.
         rows.append(extraction_near_limit(400, 50, 100, 16, max_rps=Settings().max_rps))
     rows.append(end_to_end_vs_sequential(20 if small else 1000, 50))
+    return rows
+
+
+def _growth(label: str, sizes: list[int], low: int, high: int) -> dict[str, object]:
+    return {
+        "what": f"memory growth, {label}: {sizes[0]:,} vs {sizes[1]:,}",
+        "figure": f"{low} MB → {high} MB ({high / low:.2f}×)",
+        "target": "flat (≤ 1.2×)",
+        "ok": high <= 1.2 * low,
+    }
+
+
+def replay_rows(small: bool, tmp: Path) -> list[dict[str, object]]:
+    """Replay vs dlt on the same landing zones, both formats, then the floors."""
+    rows: list[dict[str, object]] = []
+    sizes = [500, 2_000] if small else [10_000, 100_000]
+    peaks: dict[str, list[int]] = {}
+    for n_stages in sizes:
+        landing = tmp / f"landing-{n_stages}"
+        write_landing_zone(landing, n_stages)
+        dlt = dlt_throughput(landing, tmp, str(n_stages))
+        if dlt is not None:
+            rows.append({
+                "what": f"dlt {dlt[0]:,} stages → duckdb (parquet loader, append)",
+                "figure": f"{dlt[0] / dlt[1]:,.0f} stages/s ({dlt[1]:.2f}s), peak RSS {dlt[2]} MB",
+                "target": "(for scale)", "ok": None, "stages": dlt[0], "expected_stages": n_stages, "rss_mb": dlt[2],
+            })
+        for fmt in ("duckdb", "parquet"):
+            stages, seconds, rss, reader_rss = replay_throughput(str(n_stages), fmt, landing, tmp)
+            peaks.setdefault(fmt, []).append(rss + reader_rss)
+            if dlt is not None:
+                ratio = (stages / seconds) / (dlt[0] / dlt[1])
+                rows.append({
+                    "what": f"replay {stages:,} stages → {fmt} vs dlt, same landing zone",
+                    "figure": f"{ratio:.1f}× dlt's stages/s",
+                    "target": "≥ 5× dlt",
+                    "ok": ratio >= 5,
+                })
+            rows.append({
+                "what": f"replay {stages:,} stages → {fmt}",
+                "figure": f"{stages / seconds:,.0f} stages/s ({seconds:.2f}s), peak RSS {rss} + reader {reader_rss} MB",
+                "target": "≤ 300 MB (both processes)",
+                "ok": rss + reader_rss <= 300,
+                "stages": stages,
+                "expected_stages": n_stages,
+                "rss_mb": rss,
+                "reader_rss_mb": reader_rss,
+                "seconds": seconds,
+            })
+    rows.extend(floors(landing, tmp, sizes[-1]))
+    for fmt, (low, high) in peaks.items():
+        rows.append(_growth(f"replay → {fmt} (both processes)", sizes, low, high))
+    return rows
+
+
+def export_rows(small: bool, tmp: Path) -> list[dict[str, object]]:
+    """Peak memory of the CLI exporting from the sandbox: plain calls, then big prompts."""
+    rows: list[dict[str, object]] = []
+    export_sizes = [100, 300] if small else [1_000, 10_000]
+    peaks: list[int] = []
+    for calls in export_sizes:
+        stages, rss = export_memory(calls, tmp)
+        peaks.append(rss)
+        rows.append({
+            "what": f"export {calls:,} calls ({stages:,} stages) → duckdb, CLI peak RSS",
+            "figure": f"{rss} MB",
+            "target": "≤ 300 MB",
+            "ok": rss <= 300,
+            "stages": stages,
+            "rss_mb": rss,
+        })
+    rows.extend(big_prompt_exports(60 if small else 1_500, tmp))
+    rows.append(_growth("export", export_sizes, *peaks))
+    return rows
+
+
+PARTS = ("extraction", "replay", "exports")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--part", choices=PARTS, action="append", help="only these parts (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    small = args.smoke
+    parts = args.part or list(PARTS)
+    rows: list[dict[str, object]] = []
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        sizes = [500, 2_000] if small else [10_000, 100_000]
-        peaks: dict[str, list[int]] = {}
-        for n_stages in sizes:
-            landing = tmp / f"landing-{n_stages}"
-            write_landing_zone(landing, n_stages)
-            dlt = dlt_throughput(landing, tmp, str(n_stages))
-            if dlt is not None:
-                rows.append({
-                    "what": f"dlt {dlt[0]:,} stages → duckdb (parquet loader, append)",
-                    "figure": f"{dlt[0] / dlt[1]:,.0f} stages/s ({dlt[1]:.2f}s), peak RSS {dlt[2]} MB",
-                    "target": "(for scale)", "ok": None, "stages": dlt[0], "expected_stages": n_stages, "rss_mb": dlt[2],
-                })
-            for fmt in ("duckdb", "parquet"):
-                stages, seconds, rss, reader_rss = replay_throughput(str(n_stages), fmt, landing, tmp)
-                peaks.setdefault(fmt, []).append(rss + reader_rss)
-                if dlt is not None:
-                    ratio = (stages / seconds) / (dlt[0] / dlt[1])
-                    rows.append({
-                        "what": f"replay {stages:,} stages → {fmt} vs dlt, same landing zone",
-                        "figure": f"{ratio:.1f}× dlt's stages/s",
-                        "target": "≥ 5× dlt",
-                        "ok": ratio >= 5,
-                    })
-                rows.append({
-                    "what": f"replay {stages:,} stages → {fmt}",
-                    "figure": f"{stages / seconds:,.0f} stages/s ({seconds:.2f}s), peak RSS {rss} + reader {reader_rss} MB",
-                    "target": "≤ 300 MB (both processes)",
-                    "ok": rss + reader_rss <= 300,
-                    "stages": stages,
-                    "expected_stages": n_stages,
-                    "rss_mb": rss,
-                    "reader_rss_mb": reader_rss,
-                    "seconds": seconds,
-                })
-        rows.extend(floors(landing, tmp, sizes[-1]))
-        export_sizes = [100, 300] if small else [1_000, 10_000]
-        for calls in export_sizes:
-            stages, rss = export_memory(calls, tmp)
-            peaks.setdefault("export", []).append(rss)
-            rows.append({
-                "what": f"export {calls:,} calls ({stages:,} stages) → duckdb, CLI peak RSS",
-                "figure": f"{rss} MB",
-                "target": "≤ 300 MB",
-                "ok": rss <= 300,
-                "stages": stages,
-                "rss_mb": rss,
-            })
-        rows.extend(big_prompt_exports(60 if small else 1_500, tmp))
-        labels = {"duckdb": "replay → duckdb (both processes)", "parquet": "replay → parquet (both processes)", "export": "export"}
-        sized = {"duckdb": sizes, "parquet": sizes, "export": export_sizes}
-        for fmt, (low, high) in peaks.items():
-            rows.append({
-                "what": f"memory growth, {labels[fmt]}: {sized[fmt][0]:,} vs {sized[fmt][1]:,}",
-                "figure": f"{low} MB → {high} MB ({high / low:.2f}×)",
-                "target": "flat (≤ 1.2×)",
-                "ok": high <= 1.2 * low,
-            })
+        if "extraction" in parts:
+            rows.extend(extraction_rows(small))
+        if "replay" in parts:
+            rows.extend(replay_rows(small, tmp))
+        if "exports" in parts:
+            rows.extend(export_rows(small, tmp))
 
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -85,6 +85,15 @@ def _send(conn: Connection, message: ReplayMessage) -> None:
         conn.send_bytes(sink.getvalue())
 
 
+def _failure(exc: BaseException) -> str:
+    """One line for a failure of the reader (never an arbitrary exception's text: it may quote data)."""
+    if isinstance(exc, StagesError):
+        return str(exc)[:300]
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return type(exc).__name__
+
+
 def _peak_rss_kb() -> int | None:
     try:
         with open("/proc/self/status") as status:
@@ -122,7 +131,7 @@ def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run
         return  # the committing process is gone
     except BaseException as exc:
         try:
-            conn.send_bytes(pickle.dumps(("failed", f"{type(exc).__name__}: {exc}"[:300])))
+            conn.send_bytes(pickle.dumps(("failed", _failure(exc))))
         except OSError:
             pass
     finally:
@@ -169,7 +178,7 @@ class ReplayReader:
             raise ReaderError(f"the replay reader process died (exit code {self._process.wait()}); run replay again") from None
         head = pickle.loads(first)
         if isinstance(head, tuple) and len(head) == 2 and head[0] == "failed":
-            raise ReaderError(f"the replay reader failed ({head[1]}); run with --debug and report it")
+            raise ReaderError(f"the replay reader failed ({head[1]}); run replay again, and report it if it happens again")
         return self._rest(head)
 
     def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:

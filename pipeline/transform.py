@@ -81,6 +81,15 @@ def _kind(value: Any) -> str:
 
 #: Parsed durations by text: the API uses a handful of values ("30s", "15s", ...).
 _nanos_cache: dict[str, int] = {}
+#: Kept per distinct value; cleared when full (the values repeat: a few voices and durations per account).
+_CACHE_ENTRIES = 4096
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _duration_nanos(text: str, where: str) -> int:
@@ -93,10 +102,7 @@ def _duration_nanos(text: str, where: str) -> int:
         nanos = duration_nanos(text, check_range=False)
     except ValueError as exc:
         raise StageError(f"{where}: {exc}") from None
-    if len(_nanos_cache) >= 4096:
-        _nanos_cache.clear()
-    _nanos_cache[text] = nanos
-    return nanos
+    return _remember(_nanos_cache, text, nanos)
 
 
 # --------------------------------------------------------------------------- timestamps
@@ -191,12 +197,19 @@ def _needs_redaction(data: bytes, stage: Stage) -> bool:
     only its two voices can, when no other key names a voice."""
     if _voices_elsewhere(data, stage):
         return True
-    for voice in (stage.externalVoice, stage.voiceOverrides):
-        if voice is not NULL and may_hold_secret(voice):
-            value = jsonio.loads(voice)
-            if redact_voice(value) is not value:
-                return True
-    return False
+    return any(voice is not NULL and _voice_needs_redaction(bytes(voice)) for voice in (stage.externalVoice, stage.voiceOverrides))
+
+
+#: Voice JSON → whether redaction would change it.
+_redaction_cache: dict[bytes, bool] = {}
+
+
+def _voice_needs_redaction(data: bytes) -> bool:
+    known = _redaction_cache.get(data)
+    if known is None:
+        value = jsonio.loads(data) if may_hold_secret(data) else None
+        known = _remember(_redaction_cache, data, value is not None and redact_voice(value) is not value)
+    return known
 
 
 def _from_object(value: Any, index: int) -> tuple[bytes, Stage]:
@@ -303,12 +316,11 @@ class _Batch:
             raw = getattr(stage, api_field)
             if raw == NULL:
                 continue
-            try:
-                voice = decode_voice(raw)
-            except msgspec.ValidationError as exc:
-                raise StageError(describe(exc, api_field)) from None
-            if voice:
-                self.voice_rows.append((stage_id, call_id, role, *_voice_columns(api_field, voice)))
+            columns = _voice_row(api_field, bytes(raw))
+            if isinstance(columns, str):
+                raise StageError(columns)
+            if columns:
+                self.voice_rows.append((stage_id, call_id, role, *columns))
 
     def columns(self) -> tuple[list[Sequence[Any]], list[Sequence[Any]], list[Sequence[Any]]]:
         """The rows transposed: one sequence per column."""
@@ -317,6 +329,25 @@ class _Batch:
             _transpose(self.message_rows, len(_MESSAGE_ROW)),
             _transpose(self.voice_rows, len(_VOICE_ROW)),
         )
+
+
+#: (field, voice JSON) → its stage_voices columns, () for an empty voice, or why it fails its stage.
+_voice_cache: dict[tuple[str, bytes], tuple[Any, ...] | str] = {}
+
+
+def _voice_row(api_field: str, data: bytes) -> tuple[Any, ...] | str:
+    key = (api_field, data)
+    columns = _voice_cache.get(key)
+    if columns is None:
+        try:
+            voice = decode_voice(data)
+            columns = _voice_columns(api_field, voice) if voice else ()
+        except msgspec.ValidationError as exc:
+            columns = describe(exc, api_field)
+        except StageError as exc:
+            columns = str(exc)
+        _remember(_voice_cache, key, columns)
+    return columns
 
 
 def _provider(voice: dict[str, msgspec.Raw]) -> str:

@@ -9,20 +9,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke_rows_are_sane(tmp_path: Path) -> None:
+#: Rows each part of the smoke run must print.
+LABELS = {
+    "extraction": ("extract 40 calls", "end to end"),
+    "replay": ("replay 500 stages → duckdb", "replay 2,000 stages → parquet", "floor: gunzip + decoding the lines only",
+               "floor: reading + transforming", "floor: DuckDB warehouse", "floor: pyarrow writing",
+               "memory growth, replay → duckdb"),
+    "exports": ("export 300 calls", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
+                "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"),
+}
+
+
+@pytest.mark.parametrize("part", sorted(LABELS))
+def test_bench_smoke_rows_are_sane(tmp_path: Path, part: str) -> None:
     rows_file = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--smoke", "--json", str(rows_file)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--smoke", "--part", part,
+                           "--json", str(rows_file)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["what"]: row for row in json.loads(rows_file.read_text())}
-    for label in ("extract 40 calls", "end to end", "replay 500 stages → duckdb", "replay 2,000 stages → parquet",
-                  "floor: gunzip + decoding the lines only", "floor: reading + transforming", "floor: DuckDB warehouse",
-                  "floor: pyarrow writing", "export 300 calls",
-                  "memory growth, replay → duckdb", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
-                  "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"):
+    for label in LABELS[part]:
         assert any(label in what for what in rows), f"missing bench row {label!r}: {list(rows)}"
         assert label in done.stdout
     for what, row in rows.items():
