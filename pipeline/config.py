@@ -66,6 +66,8 @@ class Settings:
     #: `replay`: the same two bounds; no latency to hide, and DuckDB writes big batches straight to the file.
     replay_batch_stages: int = 8000
     replay_batch_bytes: int = 24 * 1024 * 1024
+    #: `replay`: processes reading and transforming the landing zone, each a share of the calls.
+    replay_readers: int = 2
     #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).
     outage_calls: int = 10
     #: `run --incremental`: list calls from the stored watermark minus the overlap window.
@@ -100,7 +102,7 @@ _POSITIVE = {
     "concurrency", "page_size", "timeout_seconds", "max_attempts", "max_rps",
     "max_pages", "max_response_bytes", "batch_stages", "backoff_max_seconds",
     "request_deadline_seconds", "max_call_bytes", "batch_bytes", "outage_calls",
-    "replay_batch_stages", "replay_batch_bytes",
+    "replay_batch_stages", "replay_batch_bytes", "replay_readers",
 }
 _NON_NEGATIVE = {"overlap_hours", "call_retry_budget", "backoff_initial_seconds", "retry_after_max_seconds", "retry_after_min_seconds"}
 _CHOICES = {"format": FORMATS, "log_format": ("text", "json")}

@@ -294,30 +294,75 @@ def _open_lines(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def read_landing_zone(raw_dir: Path, on_bad_line: Callable[[BadLine], None]) -> Iterator[CallFetch]:
+@dataclass(frozen=True)
+class Share:
+    """The calls one of ``count`` readers of a landing zone takes: those whose id hashes
+    to ``index``. Every reader reads every line; reader 0 reports the bad lines that
+    belong to no call."""
+
+    index: int
+    count: int
+
+    def takes(self, call_id: str) -> bool:
+        return zlib.crc32(call_id.encode()) % self.count == self.index
+
+    def takes_line(self, call_id: Any) -> bool:
+        normal = normalize_call_id(call_id) if isinstance(call_id, str) else None
+        return self.takes(normal) if normal is not None else self.index == 0
+
+
+WHOLE = Share(0, 1)
+#: RawWriter puts the call id first: most lines of other readers are skipped without decoding.
+_LEADING_CALL_ID = re.compile(rb'\{\s*"call_id"\s*:\s*"([0-9A-Fa-f-]{36})"')
+
+
+def read_landing_zone(
+    raw_dir: Path, on_bad_line: Callable[[BadLine], None], share: Share = WHOLE
+) -> Iterator[CallFetch]:
     open_fetches: dict[str, CallFetch] = {}
+    reports_lines = share.index == 0
     for path in landing_files(raw_dir):
         number = 0
         try:
             with _open_lines(path) as stream:
                 for number, line in enumerate(_lines(stream), start=1):
                     if line is None:
-                        on_bad_line(BadLine(f"{path}:{number}", f"line longer than {MAX_LINE_BYTES} bytes"))
+                        if reports_lines:
+                            on_bad_line(BadLine(f"{path}:{number}", f"line longer than {MAX_LINE_BYTES} bytes"))
+                        continue
+                    if share.count > 1 and not _maybe_taken(line, share):
                         continue
                     if not line.strip():
                         continue
                     try:
-                        done = _apply_line(_decode_line(line), open_fetches, len(line))
+                        record = _decode_line(line)
+                        if share.count > 1 and not share.takes_line(_call_id_of(record)):
+                            continue
+                        done = _apply_line(record, open_fetches, len(line))
                     except (ValueError, KeyError, TypeError) as exc:
-                        on_bad_line(BadLine(f"{path}:{number}", _bad_reason(exc)))
+                        if reports_lines:
+                            on_bad_line(BadLine(f"{path}:{number}", _bad_reason(exc)))
                         continue
                     if done is not None:
                         yield done
         except (OSError, EOFError, *GUNZIP_ERRORS) as exc:
             # A cut gzip stream (e.g. a killed run's last lines): keep what was read.
-            on_bad_line(BadLine(f"{path}:{number + 1}", f"unreadable from here on ({exc.__class__.__name__})"))
+            if reports_lines:
+                on_bad_line(BadLine(f"{path}:{number + 1}", f"unreadable from here on ({exc.__class__.__name__})"))
     for call_id in open_fetches:
         on_bad_line(BadLine(str(raw_dir), f"call {call_id}: paging incomplete (no last page); not loaded"))
+
+
+def _maybe_taken(line: bytes, share: Share) -> bool:
+    """False only for a line that surely belongs to another reader (its leading call id says so)."""
+    leading = _LEADING_CALL_ID.match(line)
+    return leading is None or share.takes_line(leading.group(1).decode())
+
+
+def _call_id_of(record: Any) -> Any:
+    if isinstance(record, LandedLine):
+        return record.call_id
+    return record.get("call_id") if isinstance(record, dict) else None
 
 
 def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:

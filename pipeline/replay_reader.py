@@ -14,9 +14,9 @@ import pickle
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
 from pipeline.errors import EXIT_WAREHOUSE, StagesError
-from pipeline.raw import BadLine, read_landing_zone
+from pipeline.raw import WHOLE, BadLine, Share, read_landing_zone
 
 #: How often the committing side looks up from a wait (to notice a stop signal).
 POLL_SECONDS = 0.2
@@ -47,8 +47,10 @@ class ReplayMessage:
     peak_rss_kb: int | None = None
 
 
-def read_batches(raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str) -> Iterator[ReplayMessage]:
-    """The landing zone as prepared batches; the last message has no batch."""
+def read_batches(
+    raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE
+) -> Iterator[ReplayMessage]:
+    """The landing zone's calls of ``share`` as prepared batches; the last message has no batch."""
     pending = PendingCalls(batch_stages, batch_bytes)
     bad_lines: list[BadLine] = []
 
@@ -57,7 +59,7 @@ def read_batches(raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str
         bad_lines.clear()
         return sent
 
-    for fetch in read_landing_zone(raw_dir, bad_lines.append):
+    for fetch in read_landing_zone(raw_dir, bad_lines.append, share):
         if not pending.fits(fetch):
             yield message(prepare_batch(pending.take(), run_id))
         pending.add(fetch)
@@ -114,14 +116,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run_id: str) -> None:
+def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE) -> None:
     # Stop signals are the committing process's to handle; it ends us when it stops.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
     conn = Connection(fd, readable=False)
     try:
-        for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id):
+        for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id, share):
             if message.batch is None:
                 message.peak_rss_kb = _peak_rss_kb()
             _send(conn, message)
@@ -144,14 +146,14 @@ class ReplayReader:
     Started as ``python -m pipeline.replay_reader`` rather than by multiprocessing,
     whose spawn would run the caller's main script again in the child."""
 
-    def __init__(self, raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str):
+    def __init__(self, raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE):
         read_fd, write_fd = os.pipe()
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.replay_reader", str(write_fd), str(raw_dir), str(batch_stages),
-                 str(batch_bytes), run_id],
+                 str(batch_bytes), run_id, str(share.index), str(share.count)],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env,
             )
         except BaseException:
@@ -167,11 +169,8 @@ class ReplayReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def next_message(self, stopping: Callable[[], bool]) -> ReplayMessage | None:
-        """The next message; None once ``stopping()`` is true while waiting."""
-        while not self._conn.poll(POLL_SECONDS):
-            if stopping():
-                return None
+    def receive(self) -> ReplayMessage:
+        """The next message (waits for it)."""
         try:
             first = self._conn.recv_bytes()
         except EOFError:
@@ -196,5 +195,21 @@ class ReplayReader:
         self._process.wait()
 
 
+def messages(readers: Sequence[ReplayReader], stopping: Callable[[], bool]) -> Iterator[ReplayMessage]:
+    """The readers' messages as they arrive, until each has sent its last one, or until
+    ``stopping()`` is true while waiting."""
+    active = {reader._conn: reader for reader in readers}
+    while active:
+        ready = wait(list(active), POLL_SECONDS)
+        if not ready and stopping():
+            return
+        for conn in ready:
+            message = active[conn].receive()  # type: ignore[index]
+            if message.batch is None:
+                del active[conn]  # type: ignore[arg-type]
+            yield message
+
+
 if __name__ == "__main__":
-    _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
+                 Share(int(sys.argv[6]), int(sys.argv[7])))

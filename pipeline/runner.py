@@ -12,6 +12,7 @@ commits what was fetched, records the run ``interrupted`` and raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -31,8 +32,8 @@ from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import release_free_memory, use_system_allocator
-from pipeline.raw import BadLine, RawWriter, heal_partial_files
-from pipeline.replay_reader import ReplayReader
+from pipeline.raw import BadLine, RawWriter, Share, heal_partial_files
+from pipeline.replay_reader import ReplayReader, messages
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
 
 #: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
@@ -226,7 +227,7 @@ class RunResult:
     seconds: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
     stats: ExtractStats | None = None
-    #: replay: the reader process's peak resident memory (KiB), where the OS tells it.
+    #: replay: the reader processes' peak resident memory (KiB, summed), where the OS tells it.
     reader_peak_rss_kb: int | None = None
 
 
@@ -532,8 +533,14 @@ def run_replay(
                 _heal_landing_zone(raw_dir, reporter)
                 guard.deferring = True  # stop between batches, never inside a commit
                 loader = BatchLoader(warehouse, run, reporter)
-                with ReplayReader(raw_dir, settings.replay_batch_stages, settings.replay_batch_bytes, run.run_id) as reader:
-                    _replay_into(reader, loader, result, guard)
+                with contextlib.ExitStack() as readers:
+                    shares = [Share(index, settings.replay_readers) for index in range(settings.replay_readers)]
+                    started_readers = [
+                        readers.enter_context(ReplayReader(raw_dir, settings.replay_batch_stages,
+                                                           settings.replay_batch_bytes, run.run_id, share))
+                        for share in shares
+                    ]
+                    _replay_into(started_readers, loader, result, guard)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()
@@ -559,16 +566,17 @@ def _heal_landing_zone(raw_dir: Path, reporter: Reporter) -> None:
         reporter.warning("raw_zone", message)
 
 
-def _replay_into(reader: ReplayReader, loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
-    """Commit the reader's batches in order until its last message or a stop signal."""
+def _replay_into(readers: list[ReplayReader], loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
+    """Commit the readers' batches as they come (each reader's in order) until each has
+    sent its last message, or a stop signal."""
     run = loader.run
-    while (message := reader.next_message(lambda: guard.signum is not None)) is not None:
+    for message in messages(readers, lambda: guard.signum is not None):
         for bad in message.bad_lines:
             result.bad_lines.append(bad)
             loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
         if message.batch is None:
-            result.reader_peak_rss_kb = message.peak_rss_kb
-            break
+            result.reader_peak_rss_kb = (result.reader_peak_rss_kb or 0) + (message.peak_rss_kb or 0)
+            continue
         loader.commit(message.batch)
         loader.done = run.calls_requested = len(run.tally)
         loader.reporter.progress(_snapshot(loader, None, None))

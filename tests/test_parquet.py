@@ -21,7 +21,7 @@ import pytest
 from pipeline import schema
 from pipeline.errors import OutputError
 from pipeline.load.duckdb import DuckDBWarehouse
-from pipeline.load.parquet import INDEX, MARKER, NULL_PARTITION, ParquetWarehouse, connect_views
+from pipeline.load.parquet import INDEX, MARKER, MAX_FILES_PER_PARTITION, NULL_PARTITION, ParquetWarehouse, connect_views
 from pipeline.records import CallOutcome, RunRecord
 
 BASE = datetime(2024, 3, 1, 6, 0, tzinfo=UTC)
@@ -309,7 +309,7 @@ def test_many_small_commits_keep_file_count_bounded(out: Path) -> None:
         folders: dict[Path, int] = {}
         for f in parquet_files(out, table):
             folders[f.parent] = folders.get(f.parent, 0) + 1
-        assert folders and max(folders.values()) <= 8, (table, folders)
+        assert folders and max(folders.values()) <= MAX_FILES_PER_PARTITION, (table, folders)
     assert_unique_keys(out)
     assert len(view_rows(out, "etl_runs")) == 60
     assert len(view_rows(out, "etl_calls")) == 180
@@ -431,6 +431,66 @@ def test_lost_index_is_rebuilt_from_the_files(out: Path) -> None:
     assert (out / INDEX).is_file()
 
 
+def with_stolen_stage(c: int, victim: int) -> dict[str, pa.Table]:
+    """Call ``c`` whose first stage carries the id of ``victim``'s first stage, in upper
+    case (ids are compared case-insensitively), children included."""
+    tables = fabricate([(c, 0)])
+    own, stolen = stage_uuid(c, 0), stage_uuid(victim, 0).upper()
+    out = {}
+    for name, table in tables.items():
+        ids = [stolen if sid == own else sid for sid in table["call_stage_id"].to_pylist()]
+        out[name] = table.set_column(0, table.schema.field(0), pa.array(ids, pa.string()))
+    return out
+
+
+def commit_stolen(wh, c: int, victim: int) -> CallOutcome:
+    (outcome,) = wh.commit_calls(with_stolen_stage(c, victim), outcomes_for([(c, "loaded", 0)]), "run-1")
+    return outcome
+
+
+def test_a_stage_owned_by_another_call_fails_the_later_call_within_and_across_sessions(out: Path) -> None:
+    owned_by = "stage {} is already owned by call {}"
+    with ParquetWarehouse(out, write_behind=True) as wh:
+        commit_spec(wh, [(1, "loaded", 0), (5, "loaded", 0)])
+        thief = commit_stolen(wh, 2, victim=1)  # the owner was committed by the batch in flight
+        assert (thief.status, thief.error) == ("failed", owned_by.format(stage_uuid(1, 0), call_uuid(1)))
+        commit_spec(wh, [(1, "not_found", 0)])  # the owner's rows go: its stage ids are free
+        assert commit_stolen(wh, 2, victim=1).status == "loaded"
+        commit_spec(wh, [(5, "loaded", 1)])  # a re-fetch keeps its own stage ids
+        assert commit_stolen(wh, 6, victim=5).status == "failed"
+    with ParquetWarehouse(out) as wh:  # a new session knows the owners from the files
+        thief = commit_stolen(wh, 3, victim=1)
+        assert (thief.status, thief.error) == ("failed", owned_by.format(stage_uuid(1, 0), call_uuid(2)))
+        assert commit_stolen(wh, 4, victim=7).status == "loaded"  # nobody holds call 7's ids
+    assert view_rows_raw(out, "SELECT call_id::VARCHAR, status FROM etl_calls ORDER BY call_id") == sorted(
+        [(call_uuid(c), s) for c, s in [(1, "not_found"), (2, "loaded"), (3, "failed"), (4, "loaded"), (5, "loaded"), (6, "failed")]]
+    )
+    assert view_rows_raw(out, f"SELECT call_id::VARCHAR FROM call_stages WHERE call_stage_id::VARCHAR = '{stage_uuid(1, 0)}'") == [(call_uuid(2),)]
+    assert_unique_keys(out)
+
+
+def test_sizes_in_the_index_follow_the_files_across_sessions(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
+        for n in range(4):
+            commit_spec(wh, [(c, "loaded", n) for c in range(n, n + 6)])
+        held = wh.index.files
+    with ParquetWarehouse(out) as wh:
+        assert wh.index.files == held
+        on_disk = {str(f.relative_to(out)): f.stat().st_size for f in out.glob("*/**/*.parquet") if not f.is_relative_to(out / "_state")}
+        assert {rel: size for parts in held.values() for files in parts.values() for rel, size in files.items()} == on_disk
+
+
+def test_text_is_zstd_without_statistics_and_short_columns_use_a_dictionary(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
+        commit_spec(wh, [(c, "loaded", 0) for c in range(12)], prompt_bytes=2000)
+    meta = pq.ParquetFile(parquet_files(out, "call_stages")[0]).metadata
+    chunks = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    for name in ("raw", "system_prompt", "call_stage_id"):
+        assert chunks[name].compression == "ZSTD" and "RLE_DICTIONARY" not in chunks[name].encodings, name
+    assert not chunks["raw"].is_stats_set and chunks["created"].is_stats_set and chunks["call_id"].is_stats_set
+    assert "RLE_DICTIONARY" in chunks["model"].encodings
+
+
 def test_write_behind_commits_everything_in_order(out: Path) -> None:
     with ParquetWarehouse(out, write_behind=True) as wh:
         for v in range(4):
@@ -529,11 +589,12 @@ def test_compaction_is_size_tiered() -> None:
     from pipeline.load.parquet import _compactions
 
     kb, mb = 1 << 10, 1 << 20
-    tiny = {f"t{i}": 100 * kb for i in range(7)}
-    assert _compactions(tiny) == [[], []]  # 7 + the new file: not crowded yet
-    tiny["t7"] = 100 * kb
-    assert _compactions(tiny)[0] == sorted(tiny)  # 8 + 1 > 8: merged into the new file
-    medium = {f"m{i}": 2 * mb for i in range(9)}
+    limit = MAX_FILES_PER_PARTITION
+    tiny = {f"t{i}": 100 * kb for i in range(limit - 1)}
+    assert _compactions(tiny) == [[], []]  # limit - 1 + the new file: not crowded yet
+    tiny["last"] = 100 * kb
+    assert _compactions(tiny)[0] == sorted(tiny)  # limit + 1 > limit: merged into the new file
+    medium = {f"m{i}": 2 * mb for i in range(limit + 1)}
     final = {f"f{i}": 9 * mb for i in range(50)}
     groups = _compactions(medium | final | {"t": 10 * kb})
     assert groups == [[], sorted(medium)]  # big files are never merged

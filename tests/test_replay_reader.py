@@ -20,7 +20,7 @@ import pipeline.replay_reader as replay_reader
 from pipeline.cli import cli
 from pipeline.raw import RawWriter
 from pipeline.records import CallFetch
-from pipeline.replay_reader import ReaderError, ReplayReader
+from pipeline.replay_reader import ReaderError, ReplayReader, messages
 from pipeline.sandbox import SyntheticData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_a_failure_inside_the_reader_reaches_the_replay_as_one_line(tmp_path: Pa
     monkeypatch.setattr(replay_reader, "read_batches", broken)
     with _reader_in_fork(str(tmp_path), 10, 1000, "run-x") as reader:
         with pytest.raises(ReaderError) as failed:
-            reader.next_message(lambda: False)
+            next(messages([reader], lambda: False))
     # The exception's own text is not shown: it may quote data.
     assert str(failed.value) == "the replay reader failed (MemoryError); run replay again, and report it if it happens again"
     assert failed.value.exit_code == 4
@@ -192,9 +192,7 @@ def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path:
     expected = list(replay_reader.read_batches(raw, 40, 1 << 20, "run-y"))
     received = []
     with _reader_in_fork(str(raw), 40, 1 << 20, "run-y") as reader:
-        while (message := reader.next_message(lambda: False)).batch is not None:
-            received.append(message)
-        received.append(message)
+        received = list(messages([reader], lambda: False))
     assert len(received) == len(expected) > 2
     for got, want in zip(received, expected, strict=True):
         assert [(b.where, b.reason) for b in got.bad_lines] == [(b.where, b.reason) for b in want.bad_lines]
@@ -261,3 +259,48 @@ def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path
     expected = sum(len(stages) for stages in (SyntheticData(n_calls=1200, seed=11).stages_for(c)
                                               for c in SyntheticData(n_calls=1200, seed=11).call_ids))
     assert _stored(db, "SELECT count(*) FROM call_stages") == [(expected,)]
+
+
+def test_shares_of_the_landing_zone_take_every_call_once_and_report_each_bad_line_once(tmp_path: Path) -> None:
+    from pipeline.raw import Share, read_landing_zone
+
+    raw = tmp_path / "raw"
+    data = _landing_zone(raw, 90)
+    some = data.call_ids[0]
+    # Hand-written lines: the call id not first (decoded to be placed), a bad call id, not JSON.
+    page = json.dumps({"next": None, "results": data.stages_for(some)})
+    (raw / "zz-hand.jsonl").write_text(
+        f'{{"status": 200, "page": {page}, "call_id": "{some.upper()}", "url": "u"}}\n'
+        '{"call_id": "not-a-uuid", "status": 200, "page": {"results": []}}\n'
+        "not json\n"
+    )
+    whole_bad: list = []
+    whole = [(f.call_id, len(f.stages())) for f in read_landing_zone(raw, whole_bad.append)]
+    parts, bad = [], []
+    for index in range(3):
+        parts.extend((f.call_id, len(f.stages())) for f in read_landing_zone(raw, bad.append, Share(index, 3)))
+    assert sorted(parts) == sorted(whole) and len({c for c, _ in parts}) == len(parts) - 1  # `some` twice: two files
+    assert sorted((b.where, b.reason) for b in bad) == sorted((b.where, b.reason) for b in whole_bad)
+    assert len(whole_bad) == 2
+
+
+def test_two_readers_give_the_tables_one_reader_gives(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _landing_zone(raw, 150)
+    (raw / "zz-bad.jsonl").write_text("not json\n")
+    tables = {}
+    for readers in (1, 2):
+        db = tmp_path / f"r{readers}.duckdb"
+        config = tmp_path / f"r{readers}.toml"
+        config.write_text(f"replay_readers = {readers}\nreplay_batch_stages = 60\n")
+        result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--config", str(config), "--no-progress"])
+        assert result.exit_code == 1, result.output  # the bad line
+        assert result.stderr.count("not json") + result.stderr.count("zz-bad.jsonl:1") >= 1
+        assert result.stderr.count("zz-bad.jsonl:1") == 1
+        tables[readers] = {
+            name: _stored(db, f"SELECT * EXCLUDE (run_id, extracted_at) FROM {name} ORDER BY ALL" if name == "call_stages"
+                          else f"SELECT * FROM {name} ORDER BY ALL")
+            for name in ("call_stages", "stage_inactivity_messages", "stage_voices")
+        }
+        assert _readers_of(raw) == []
+    assert tables[1] == tables[2] and len(tables[1]["call_stages"]) > 100

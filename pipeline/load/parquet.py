@@ -17,14 +17,17 @@ Layout::
 of their stage, so a stage and its children always sit in the same date folder. A null
 ``created`` goes to ``created_date=__HIVE_DEFAULT_PARTITION__``, which DuckDB, Spark and
 pyarrow read as NULL. The partition column is not stored inside the files. Files are
-zstd Parquet with standard types only (strings for UUID/JSON, decimal128(38,9),
-timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types.
+Parquet with standard types only (strings for UUID/JSON, decimal128(38,9),
+timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types. Ids and
+free text are zstd without dictionary, short columns snappy with dictionary
+(:func:`_write_options`).
 
 Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or an ``upsert`` —
 is one transaction:
 
 1. every new file (data files and the index change) is written into
-   ``_staging/tx-<id>/`` and fsynced; nothing under ``OUTPUT/<table>/`` changes yet;
+   ``_staging/tx-<id>/`` and fsynced (all at once from a pool of :data:`IO_THREADS`,
+   so the file system commits them together); nothing under ``OUTPUT/<table>/`` changes yet;
 2. ``_staging/journal.json`` is written to a temporary name, fsynced and renamed into
    place: **this rename is the commit point**. It lists the renames (staging → final)
    and the deletions (files whose rows were replaced or compacted);
@@ -54,7 +57,14 @@ footer and key column on every commit, growing with the dataset, and pruning by
 partition does not help because a call's stages may sit in any date folder. If the
 index is missing or disagrees with the files on disk (files deleted or copied by hand),
 ``open()`` rebuilds it from the key column of each file (projection) — the same scan,
-once.
+once. The index also holds each file's size (one stat per file at ``open()``), which
+compaction needs.
+
+Stage ownership (a stage id stored under one call fails a later call bringing it): the
+stored (call_stage_id, call_id) pairs are read from every stage file once, at the first
+batch after ``open()``, and kept in memory, updated by each commit (about 80 bytes per
+stored stage). Reading them from the files per batch instead grows with the dataset on
+every commit, as UUIDs defeat min/max pruning.
 
 File count: per commit and folder, new rows go to one new file (append) when no file
 there holds a replaced call. Files holding replaced calls are rewritten without those
@@ -66,8 +76,9 @@ file, and as many of the next tier are merged into one. Frequent small runs (cro
 calls each) thus keep every folder at a few tiny files plus a few bigger ones, each row
 is rewritten about once per tier, and a compaction never rewrites a file past the last
 tier. The price shows in long replays of small batches spread over many dates: every
-folder gets a file per batch, so about one rewrite of the data per tier is paid to keep
-the file count bounded (a larger ``batch_stages`` avoids most of it).
+folder gets a file per batch per table, so the commit cost is about fixed per batch and
+folder, and about one rewrite of the data per tier is paid to keep the file count
+bounded; a larger ``batch_stages`` avoids most of both.
 Untouched folders and files are never read or rewritten.
 """
 
@@ -90,7 +101,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError
 from pipeline.ledger import merged_etl_calls, outcomes_table
@@ -111,13 +121,32 @@ NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 FORMAT_TAG = "ultravox-stages-parquet"
 
 #: Compact a folder's small files once it would hold more small files than this.
-MAX_FILES_PER_PARTITION = 8
+MAX_FILES_PER_PARTITION = 16
 #: Compaction tiers (upper bounds): a folder's files of one tier are merged, files past the last are final.
 COMPACT_TIERS = (256 << 10, 8 << 20)
 SMALL_FILE_BYTES = COMPACT_TIERS[0]
+#: Threads that fsync files and folders of a commit in parallel.
+IO_THREADS = 16
 #: Rows per row group: the usual target size for scan efficiency; smaller tables get one row group.
 ROW_GROUP_ROWS = 65_536
-_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS}
+#: Columns of unique ids or free text: zstd, no dictionary (it never pays off and costs a
+#: hash of every value), and free text gets no min/max statistics (useless for pruning).
+_UNIQUE_COLUMNS = frozenset({"call_stage_id", "call_id", "key"})
+_FREE_TEXT_COLUMNS = frozenset(
+    {"raw", "system_prompt", "experimental_settings", "initial_state", "message", "settings", "metadata", "options", "error"}
+)
+
+
+def _write_options(columns: Sequence[str]) -> dict[str, Any]:
+    """Per column: zstd where the bytes are; snappy for the short columns, where a zstd
+    context per column chunk costs more than it saves (most files are small)."""
+    plain = _UNIQUE_COLUMNS | _FREE_TEXT_COLUMNS
+    return {
+        "row_group_size": ROW_GROUP_ROWS,
+        "compression": {c: "zstd" if c in plain else "snappy" for c in columns},
+        "use_dictionary": [c for c in columns if c not in plain],
+        "write_statistics": [c for c in columns if c not in _FREE_TEXT_COLUMNS],
+    }
 
 def key_column(table: str) -> str:
     """The column identifying which rows a change replaces: call_id for the per-call
@@ -135,6 +164,8 @@ _INDEX_SCHEMA = pa.schema(
 _DELTA_SCHEMA = pa.schema(
     [pa.field("table", pa.string(), False), pa.field("key", pa.string()), pa.field("file", pa.string(), False)]
 )
+_FILE_TYPE = pa.dictionary(pa.int32(), pa.string())
+MAX_INDEX_CHUNKS = 256
 _US_PER_DAY = 86_400_000_000
 
 #: Test seam: called with a step name where a crash matters in a commit (crash tests SIGKILL there).
@@ -303,37 +334,35 @@ def heal(root: Path) -> None:
 # --------------------------------------------------------------------------- index
 
 
-class FileIndex:
-    """In-memory copy of ``_state/call_files.parquet``: per table, (key, file) rows."""
+#: table → partition folder → file → size in bytes (sizes drive compaction).
+Files = dict[str, dict[str, dict[str, int]]]
 
-    def __init__(self, per_table: dict[str, pa.Table], files: dict[str, dict[str, set[str]]] | None = None):
+
+class FileIndex:
+    """In-memory copy of ``_state/call_files.parquet``: per table, (key, file) rows,
+    and the committed files with their sizes."""
+
+    def __init__(self, per_table: dict[str, pa.Table], files: Files):
         self.per_table = per_table
         #: Delta files on top of INDEX, oldest first, and the next delta's number.
         self.deltas: list[str] = []
         self.next_delta = 0
         #: False when INDEX is missing or stale: the next commit writes a full INDEX instead of a delta.
         self.base_ok = True
-        # table → partition folder → file names, for compaction; commits pass it updated.
-        self.files: dict[str, dict[str, set[str]]] = files if files is not None else {}
-        if files is None:
-            for name, entries in per_table.items():
-                parts: dict[str, set[str]] = {}
-                for rel in pc.unique(entries["file"]).to_pylist():
-                    parts.setdefault(_partition_of(rel), set()).add(rel)
-                self.files[name] = parts
+        self.files = files
 
     @classmethod
-    def from_table(cls, index: pa.Table) -> FileIndex:
+    def from_table(cls, index: pa.Table, files: Files) -> FileIndex:
         per_table = {}
         for name in schema.TABLES:
             rows = index.filter(pc.equal(index["table"], name))
-            per_table[name] = pa.table({"key": rows["key"], "file": rows["file"]})
-        return cls(per_table)
+            per_table[name] = _index_entries(rows["key"], rows["file"])
+        return cls(per_table, files)
 
     def to_table(self) -> pa.Table:
         parts = [
             pa.table(
-                {"table": pa.array([name] * entries.num_rows, pa.string()), "key": entries["key"], "file": entries["file"]},
+                {"table": pa.array([name] * entries.num_rows, pa.string()), "key": entries["key"], "file": entries["file"].cast(pa.string())},
                 schema=_INDEX_SCHEMA,
             )
             for name, entries in self.per_table.items()
@@ -342,6 +371,22 @@ class FileIndex:
 
     def all_files(self, table: str) -> set[str]:
         return {rel for files in self.files[table].values() for rel in files}
+
+    def indexed_files(self, table: str) -> set[str]:
+        return set(pc.unique(self.per_table[table]["file"]).to_pylist())
+
+
+def _index_entries(keys: pa.Array | pa.ChunkedArray, files: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Index rows as held in memory: the file column dictionary-encoded (one path repeats
+    for every key of its file)."""
+    return pa.table({"key": keys.cast(pa.string()), "file": files.cast(_FILE_TYPE)})
+
+
+def _fewer_chunks(entries: pa.Table) -> pa.Table:
+    """Each commit appends a chunk per new file: merge them once they pile up."""
+    if entries["file"].num_chunks <= MAX_INDEX_CHUNKS:
+        return entries
+    return entries.unify_dictionaries().combine_chunks()
 
 
 def _files_with_keys(entries: pa.Table, keys: pa.Array) -> set[str]:
@@ -352,18 +397,29 @@ def _files_with_keys(entries: pa.Table, keys: pa.Array) -> set[str]:
     return set(pc.unique(hits).to_pylist())
 
 
+def files_on_disk(root: Path) -> Files:
+    """Every committed file with its size, per table and folder (one stat each, at open)."""
+    files: Files = {}
+    for name in schema.TABLES:
+        parts: dict[str, dict[str, int]] = {}
+        for rel in data_files(root, name):
+            parts.setdefault(_partition_of(rel), {})[rel] = (root / rel).stat().st_size
+        files[name] = parts
+    return files
+
+
 def load_index(root: Path) -> FileIndex:
     """INDEX plus its deltas; rebuilt from the files on disk when missing or stale."""
     path = root / INDEX
     deltas = sorted((root / STATE).glob(DELTA_GLOB)) if (root / STATE).is_dir() else []
-    on_disk = {name: set(data_files(root, name)) for name in schema.TABLES}
+    on_disk = files_on_disk(root)
     index: FileIndex | None = None
     if path.exists():
         entries = pq.read_table(path).cast(_INDEX_SCHEMA)
         for delta in deltas:
             entries = _apply_delta(entries, pq.read_table(delta).cast(_DELTA_SCHEMA))
-        index = FileIndex.from_table(entries)
-        if not all(index.all_files(name) == on_disk[name] for name in schema.TABLES):
+        index = FileIndex.from_table(entries, on_disk)
+        if not all(index.indexed_files(name) == index.all_files(name) for name in schema.TABLES):
             index = None
     if index is None:
         index = rebuild_index(root, on_disk)
@@ -389,19 +445,53 @@ def _delta_name(number: int) -> str:
     return f"{STATE}/{DELTA_GLOB.replace('*', f'{number:012d}')}"
 
 
-def rebuild_index(root: Path, on_disk: Mapping[str, set[str]]) -> FileIndex:
+def rebuild_index(root: Path, on_disk: Files) -> FileIndex:
     """Read only the key column of every file (projection): the recovery path."""
     per_table = {}
-    for name, files in on_disk.items():
+    for name, folders in on_disk.items():
         key = key_column(name)
         parts = []
-        for rel in sorted(files):
+        for rel in sorted(rel for files in folders.values() for rel in files):
             keys = pc.unique(pq.read_table(root / rel, columns=[key])[key].combine_chunks())
-            parts.append(pa.table({"key": keys.cast(pa.string()), "file": pa.array([rel] * len(keys), pa.string())}))
-        per_table[name] = (
-            pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string()), "file": pa.array([], pa.string())})
-        )
-    return FileIndex(per_table)
+            parts.append(_index_entries(keys, pa.array([rel] * len(keys), pa.string())))
+        per_table[name] = pa.concat_tables(parts) if parts else _index_entries(pa.array([], pa.string()), pa.array([], pa.string()))
+    return FileIndex(per_table, on_disk)
+
+
+class StageOwners:
+    """Every stored stage id with its call, lowercase, in memory while open: the
+    ownership check of each batch needs them, and no file index covers stage ids.
+    Loaded once (two columns of every stage file); each commit then updates it."""
+
+    COLUMNS = ("call_stage_id", "call_id")
+
+    def __init__(self, rows: pa.Table):
+        self.rows = rows
+
+    @classmethod
+    def load(cls, root: Path, files: Sequence[str], pool: ThreadPoolExecutor) -> StageOwners:
+        pieces = _wait_all([pool.submit(pq.read_table, root / rel, columns=list(cls.COLUMNS)) for rel in files])
+        return cls(pa.concat_tables([_owner_rows(piece) for piece in pieces] or [_owner_rows(None)]))
+
+    def lookup(self, stage_ids: pa.Array) -> pa.Table:
+        """Stored rows whose stage id is in ``stage_ids`` (lowercase)."""
+        return self.rows.filter(pc.is_in(self.rows["call_stage_id"], value_set=stage_ids))
+
+    def replaced(self, calls: pa.Array, stages: pa.Table | None) -> StageOwners:
+        """After a commit: the stages of ``calls`` are now exactly ``stages``."""
+        held = pc.is_in(self.rows["call_id"], value_set=pc.utf8_lower(calls.cast(pa.string())))
+        kept = self.rows.filter(pc.invert(held)) if pc.any(held).as_py() else self.rows
+        return StageOwners(pa.concat_tables([kept, _owner_rows(stages)]))
+
+
+def _owner_rows(stages: pa.Table | None) -> pa.Table:
+    """The owner columns of ``stages`` as lowercase strings (None: no rows)."""
+    return pa.table(
+        {
+            name: pa.array([], pa.string()) if stages is None else pc.utf8_lower(stages[name].cast(pa.string()))
+            for name in StageOwners.COLUMNS
+        }
+    )
 
 
 # --------------------------------------------------------------------------- partitions
@@ -500,8 +590,9 @@ class FileJob:
     sources: list[tuple[Path, pa.Array | None]]
     rows: Rows | None
 
-    def build(self) -> pa.Array | None:
-        """Write the file; return its distinct keys (None when no row is left)."""
+    def build(self, io_pool: ThreadPoolExecutor) -> tuple[pa.Array, int, Future[None]] | None:
+        """Write the file and queue its fsync; return its distinct keys, its size and
+        the fsync (None when no row is left)."""
         key = key_column(self.table.name)
         pieces = []
         for path, drop in self.sources:
@@ -514,22 +605,24 @@ class FileJob:
         merged = pa.concat_tables(pieces)
         if not merged.num_rows:
             return None
-        _write_file(merged, self.staged)
-        return pc.unique(merged[key].combine_chunks())
+        _write_unsynced(merged, self.staged)
+        synced = io_pool.submit(_fsync_path, self.staged)
+        return pc.unique(merged[key].combine_chunks()), self.staged.stat().st_size, synced
 
 
 class Transaction:
     """One journaled commit: plan replacements table by table, then :meth:`commit`."""
 
-    def __init__(self, root: Path, index: FileIndex, pool: ThreadPoolExecutor):
+    def __init__(self, root: Path, index: FileIndex, pool: ThreadPoolExecutor, io_pool: ThreadPoolExecutor):
         self.root = root
         self.tx_id = f"{time.time_ns():x}-{secrets.token_hex(4)}"
         self.tx_dir = root / STAGING / f"tx-{self.tx_id}"
         self.per_table = dict(index.per_table)
         self.index = index
         self.pool = pool
+        self.io_pool = io_pool
         self.deletes: dict[str, list[str]] = {}
-        self.jobs: list[tuple[FileJob, Future[pa.Array | None]]] = []
+        self.jobs: list[tuple[FileJob, Future[tuple[pa.Array, int, Future[None]] | None]]] = []
         self._files = index.files
         self._seq = 0
 
@@ -554,8 +647,8 @@ class Transaction:
         self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: Rows | None
     ) -> list[str]:
         """Queue the new files of one folder; return the files they supersede."""
-        existing = self._files[table.name].get(folder, set())
-        size = {rel: (self.root / rel).stat().st_size for rel in existing}
+        size = self._files[table.name].get(folder, {})
+        existing = set(size)
         rewrite = sorted(hits & existing)
         # A file of a replaced call is rewritten without its rows: small ones join the new file, bigger alone.
         fold = [rel for rel in rewrite if size[rel] < SMALL_FILE_BYTES]
@@ -582,32 +675,37 @@ class Transaction:
             sources=sources,
             rows=rows,
         )
-        self.jobs.append((job, self.pool.submit(job.build)))
+        self.jobs.append((job, self.pool.submit(job.build, self.io_pool)))
 
     # -- committing
 
     def commit(self) -> FileIndex:
         """Finish the files, stage the index, write the journal (commit point), apply."""
         self.tx_dir.mkdir(parents=True, exist_ok=True)
-        keys = _wait_all([future for _, future in self.jobs])
+        built = _wait_all([future for _, future in self.jobs])
         renames = []
         added: dict[str, list[tuple[str, pa.Table]]] = {}
-        for (job, _), file_keys in zip(self.jobs, keys, strict=True):
-            if file_keys is None:
+        sizes: dict[str, int] = {}
+        synced = []
+        for (job, _), result in zip(self.jobs, built, strict=True):
+            if result is None:
                 continue  # every row of those files was replaced: nothing to rename
+            file_keys, sizes[job.final], fsync = result
+            synced.append(fsync)
             renames.append((job.staged.relative_to(self.root).as_posix(), job.final))
-            entries = pa.table({"key": file_keys, "file": pa.array([job.final] * len(file_keys), pa.string())})
+            entries = _index_entries(file_keys, pa.array([job.final] * len(file_keys), pa.string()))
             added.setdefault(job.table.name, []).append((job.final, entries))
-        index = self._new_index(added)
+        index = self._new_index(added, sizes)
         deletes = [rel for gone in self.deletes.values() for rel in gone]
         renames.append(self._stage_index(index, added, deletes))
         if not index.deltas:  # a full INDEX was written: the old deltas are folded in
             deletes += self.index.deltas
+        _wait_all(synced)
         _fsync_path(self.tx_dir)
         _checkpoint("staged")
         self._write_journal(renames, deletes)
         _checkpoint("journaled")
-        apply_journal(self.root, self.pool)
+        apply_journal(self.root, self.io_pool)
         shutil.rmtree(self.tx_dir, ignore_errors=True)
         return index
 
@@ -618,7 +716,7 @@ class Transaction:
         old = self.index
         if old.base_ok and len(old.deltas) < MAX_DELTAS:
             rows = [
-                pa.table({"table": pa.array([name] * len(e), pa.string()), "key": e["key"], "file": e["file"]}, schema=_DELTA_SCHEMA)
+                pa.table({"table": pa.array([name] * len(e), pa.string()), "key": e["key"], "file": e["file"].cast(pa.string())}, schema=_DELTA_SCHEMA)
                 for name, entries in added.items()
                 for _, e in entries
             ]
@@ -632,21 +730,21 @@ class Transaction:
             index.deltas, index.next_delta = [], old.next_delta
         return staged.relative_to(self.root).as_posix(), final
 
-    def _new_index(self, added: Mapping[str, list[tuple[str, pa.Table]]]) -> FileIndex:
+    def _new_index(self, added: Mapping[str, list[tuple[str, pa.Table]]], sizes: Mapping[str, int]) -> FileIndex:
         """The index after this commit: entries of superseded files out, new ones in."""
         per_table = dict(self.per_table)
-        files = {name: {folder: set(rels) for folder, rels in parts.items()} for name, parts in self._files.items()}
+        files = {name: {folder: dict(rels) for folder, rels in parts.items()} for name, parts in self._files.items()}
         for name, gone in self.deletes.items():
             entries = per_table[name]
             if gone:
                 entries = entries.filter(pc.invert(pc.is_in(entries["file"], value_set=pa.array(gone, pa.string()))))
             new = added.get(name, [])
-            per_table[name] = pa.concat_tables([entries, *(e for _, e in new)])
+            per_table[name] = _fewer_chunks(pa.concat_tables([entries, *(e for _, e in new)]))
             parts = files[name]
             for rel in gone:
-                parts[_partition_of(rel)].discard(rel)
+                parts[_partition_of(rel)].pop(rel, None)
             for rel, _ in new:
-                parts.setdefault(_partition_of(rel), set()).add(rel)
+                parts.setdefault(_partition_of(rel), {})[rel] = sizes[rel]
             files[name] = {folder: rels for folder, rels in parts.items() if rels}
         return FileIndex(per_table, files)
 
@@ -655,7 +753,8 @@ class Transaction:
         futures = [future for _, future in self.jobs]
         for future in futures:
             future.cancel()
-        wait(futures)  # running writes must finish before their folder goes
+        wait(futures)  # running writes (and their fsyncs) must finish before their folder goes
+        wait([f.result()[2] for f in futures if not f.cancelled() and f.exception() is None and f.result() is not None])
         shutil.rmtree(self.tx_dir, ignore_errors=True)
 
     def _write_journal(self, renames: list[tuple[str, str]], deletes: list[str]) -> None:
@@ -679,9 +778,13 @@ def _wait_all(futures: Sequence[Future[Any]]) -> list[Any]:
 
 
 def _write_file(rows: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows, path, **_WRITE_OPTIONS)
+    _write_unsynced(rows, path)
     _fsync_path(path)
+
+
+def _write_unsynced(rows: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows, path, **_write_options(rows.column_names))
 
 
 # --------------------------------------------------------------------------- warehouse
@@ -698,7 +801,10 @@ class ParquetWarehouse(Warehouse):
         super().__init__(path, wait_for_lock, write_behind, wait_seconds)
         self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
         self._index: FileIndex | None = None
+        #: Loaded at the first ownership check, then kept up to date by each commit.
+        self._owners: StageOwners | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
 
     @property
@@ -721,6 +827,8 @@ class ParquetWarehouse(Warehouse):
                 self._index = load_index(self.path)
             # Writes of one commit run in parallel: pyarrow releases the GIL while encoding.
             self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
+            # fsyncs wait on the disk, not the CPU: many at once let the file system batch them.
+            self._io_pool = ThreadPoolExecutor(max_workers=IO_THREADS)
             self._con = duckdb.connect(config={"memory_limit": "64MB"})
             self._after_open()
         except BaseException:
@@ -734,13 +842,15 @@ class ParquetWarehouse(Warehouse):
             self._release_resources()
 
     def _release_resources(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._io_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._io_pool = None
         if self._con is not None:
             self._con.close()
             self._con = None
         self._index = None
+        self._owners = None
         self._lock.release()
 
     def call_statuses(self) -> dict[str, str]:
@@ -757,24 +867,10 @@ class ParquetWarehouse(Warehouse):
         return pa.concat_tables(pieces) if pieces else schema.ETL_RUNS.arrow_schema.empty_table()
 
     def _stored_stage_owners(self, stage_ids: pa.Array) -> pa.Table:
-        files = sorted(self.index.all_files(schema.CALL_STAGES.name))
-        if not files:
-            return pa.table({"call_stage_id": pa.array([], pa.string()), "call_id": pa.array([], pa.string())})
-        con = self._con
-        assert con is not None, "warehouse not open"
-        paths = ", ".join(_sql_literal((self.path / rel).as_posix()) for rel in files)
-        con.register("batch_stage_ids", pa.table({"id": stage_ids}))
-        try:
-            # Two columns of every stage file: stage ids are in no index, and UUIDs defeat min/max pruning.
-            return to_arrow(
-                con.sql(
-                    f"SELECT lower(s.call_stage_id) AS call_stage_id, lower(s.call_id) AS call_id "
-                    f"FROM read_parquet([{paths}], hive_partitioning = false) s "
-                    f"SEMI JOIN batch_stage_ids b ON lower(s.call_stage_id) = b.id"
-                )
-            )
-        finally:
-            con.unregister("batch_stage_ids")
+        if self._owners is None:
+            assert self._pool is not None, "warehouse not open"
+            self._owners = StageOwners.load(self.path, sorted(self.index.all_files(schema.CALL_STAGES.name)), self._pool)
+        return self._owners.lookup(stage_ids)
 
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
         """Insert or replace rows by key (unpartitioned tables); one transaction."""
@@ -829,7 +925,11 @@ class ParquetWarehouse(Warehouse):
             merged = merged_etl_calls(self._con, batch, previous)
             tx.replace(schema.ETL_CALLS, all_ids, split_by_partition(merged, schema.ETL_CALLS.name, None, None))
 
+        owners, self._owners = self._owners, None  # unknown until this commit is through
         self._transact(work)
+        if owners is not None:
+            stages = tables.get(schema.CALL_STAGES.name)
+            self._owners = owners.replaced(replaced, stages.select(StageOwners.COLUMNS) if stages is not None else None)
 
     def _transact(self, work: Callable[[Transaction], None]) -> None:
         with self._writing():
@@ -837,7 +937,8 @@ class ParquetWarehouse(Warehouse):
 
     def _transact_once(self, work: Callable[[Transaction], None]) -> None:
         assert self._pool is not None, "warehouse not open"
-        tx = Transaction(self.path, self.index, self._pool)
+        assert self._io_pool is not None, "warehouse not open"
+        tx = Transaction(self.path, self.index, self._pool, self._io_pool)
         try:
             work(tx)
         except BaseException:
