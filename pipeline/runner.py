@@ -240,10 +240,10 @@ def _jsonable(values: dict[str, object]) -> dict[str, object]:
     return {k: v.isoformat() if isinstance(v, date) else v for k, v in values.items()}
 
 
-def _open(settings: Settings, wait_for_lock: bool, wait_seconds: float | None, write_behind: bool = False) -> Warehouse:
+def _open(settings: Settings, wait_for_lock: bool, wait_seconds: float | None) -> Warehouse:
     return open_warehouse(
         settings.format, settings.output_location, wait_for_lock or wait_seconds is not None,
-        settings.duckdb_memory_limit, write_behind, wait_seconds=wait_seconds,
+        settings.duckdb_memory_limit, wait_seconds=wait_seconds,
     )
 
 

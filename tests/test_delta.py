@@ -526,8 +526,8 @@ def test_commit_is_retried_after_a_concurrent_commit(out: Path, monkeypatch: pyt
     assert read(out, "etl_calls").num_rows == 10
 
 
-def test_write_behind_commits_in_order(out: Path) -> None:
-    with DeltaWarehouse(out, write_behind=True) as w:
+def test_overlapping_batches_commit_in_order(out: Path) -> None:
+    with DeltaWarehouse(out) as w:
         for n in range(4):
             commit(w, IDS[n * 5 : n * 5 + 20], f"run-{n}")
     assert_consistent(out)

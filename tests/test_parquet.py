@@ -450,9 +450,9 @@ def commit_stolen(wh, c: int, victim: int) -> CallOutcome:
 
 def test_a_stage_owned_by_another_call_fails_the_later_call_within_and_across_sessions(out: Path) -> None:
     owned_by = "stage {} is already owned by call {}"
-    with ParquetWarehouse(out, write_behind=True) as wh:
+    with ParquetWarehouse(out) as wh:
         commit_spec(wh, [(1, "loaded", 0), (5, "loaded", 0)])
-        thief = commit_stolen(wh, 2, victim=1)  # the owner was committed by the batch in flight
+        thief = commit_stolen(wh, 2, victim=1)  # the owner was committed by the batch before
         assert (thief.status, thief.error) == ("failed", owned_by.format(stage_uuid(1, 0), call_uuid(1)))
         commit_spec(wh, [(1, "not_found", 0)])  # the owner's rows go: its stage ids are free
         assert commit_stolen(wh, 2, victim=1).status == "loaded"
@@ -491,11 +491,11 @@ def test_text_is_zstd_without_statistics_and_short_columns_use_a_dictionary(out:
     assert "RLE_DICTIONARY" in chunks["model"].encodings
 
 
-def test_write_behind_commits_everything_in_order(out: Path) -> None:
-    with ParquetWarehouse(out, write_behind=True) as wh:
+def test_batches_commit_everything_in_order(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
         for v in range(4):
             commit_spec(wh, [(c, "loaded", v) for c in range(15)])
-        assert set(wh.call_statuses().values()) == {"loaded"}  # waits for the batch in flight
+        assert set(wh.call_statuses().values()) == {"loaded"}
         commit_spec(wh, [(3, "not_found", 0)])
     assert_unique_keys(out)
     seen = versions(out)
@@ -503,22 +503,21 @@ def test_write_behind_commits_everything_in_order(out: Path) -> None:
     assert view_rows_raw(out, "SELECT max(attempts) FROM etl_calls") == [(5,)]
 
 
-def test_write_behind_raises_a_failed_commit_on_the_next_call(out: Path) -> None:
-    with ParquetWarehouse(out, write_behind=True) as wh:
+def test_a_failed_commit_raises_and_leaves_nothing(out: Path) -> None:
+    with ParquetWarehouse(out) as wh:
         bad = fabricate([(1, 0)])
-        wh.commit_calls(bad, outcomes_for([(2, "loaded", 0)]), "run-1")  # rows of a call not in the batch
         with pytest.raises(ValueError, match="not loaded in this batch"):
-            wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))
-        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # raised once; the warehouse goes on
+            wh.commit_calls(bad, outcomes_for([(2, "loaded", 0)]), "run-1")  # rows of a call not in the batch
+        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # the warehouse goes on
     assert view_rows_raw(out, "SELECT count(*) FROM call_stages") == [(0,)]
 
 
-def test_duckdb_write_behind_commits_everything_in_order(tmp_path: Path) -> None:
+def test_duckdb_batches_commit_everything_in_order(tmp_path: Path) -> None:
     db = tmp_path / "wb.duckdb"
-    with DuckDBWarehouse(db, write_behind=True) as wh:
+    with DuckDBWarehouse(db) as wh:
         for v in range(4):
             commit_spec(wh, [(c, "loaded", v) for c in range(15)])
-        assert set(wh.call_statuses().values()) == {"loaded"}  # waits for the batch in flight
+        assert set(wh.call_statuses().values()) == {"loaded"}
         commit_spec(wh, [(3, "not_found", 0)])
     con = duckdb.connect(str(db), read_only=True)
     by_call = dict(con.execute(
@@ -530,15 +529,14 @@ def test_duckdb_write_behind_commits_everything_in_order(tmp_path: Path) -> None
     assert con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchall() == [(expected, expected)]
 
 
-def test_duckdb_write_behind_raises_a_failed_commit_on_the_next_call(tmp_path: Path) -> None:
+def test_duckdb_a_failed_commit_raises_and_is_rolled_back(tmp_path: Path) -> None:
     db = tmp_path / "wb.duckdb"
-    with DuckDBWarehouse(db, write_behind=True) as wh:
+    with DuckDBWarehouse(db) as wh:
         tables = fabricate([(1, 0)])
         doubled = {**tables, "call_stages": pa.concat_tables([tables["call_stages"]] * 2)}  # a duplicate key
-        wh.commit_calls(doubled, outcomes_for([(1, "loaded", 0)]), "run-1")
         with pytest.raises(duckdb.ConstraintException):
-            wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))
-        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # raised once; the warehouse goes on
+            wh.commit_calls(doubled, outcomes_for([(1, "loaded", 0)]), "run-1")
+        wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # the warehouse goes on
         commit_spec(wh, [(2, "loaded", 0)])
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT DISTINCT call_id::VARCHAR FROM call_stages").fetchall() == [(call_uuid(2),)]

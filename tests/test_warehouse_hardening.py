@@ -150,13 +150,12 @@ def test_batches_with_huge_prompts_commit_under_a_small_memory_limit(tmp_path: P
 # ----------------------------------------------------------------------------- 2. stage ownership
 
 
-@pytest.mark.parametrize("write_behind", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_stage_stays_with_the_call_that_stored_it(tmp_path: Path, fmt: str, write_behind: bool) -> None:
+def test_a_stage_stays_with_the_call_that_stored_it(tmp_path: Path, fmt: str) -> None:
     out = output(tmp_path, fmt)
     a, b, c = call_id(1), call_id(2), call_id(3)
     shared = stage_id(100)
-    with open_warehouse(fmt, out, write_behind=write_behind) as wh:
+    with open_warehouse(fmt, out) as wh:
         commit(wh, [(a, [stage(a, shared, 1), stage(a, stage_id(101), 2)])])
         # b claims a's stage (a not in the batch); c is innocent and goes through.
         got = commit(wh, [(b, [stage(b, stage_id(200), 3), stage(b, shared, 4)]), (c, [stage(c, stage_id(300), 5)])])

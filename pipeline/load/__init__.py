@@ -21,15 +21,6 @@ every implementation keeps:
 * Storage failures (disk full, permission denied, read-only file system, DuckDB
   I/O, transaction and memory errors) raise one ``WarehouseError`` (exit 4) naming
   the first cause; after it the warehouse refuses further writes with that cause.
-
-Write-behind (``write_behind=True``, used by ``replay``): ``commit_calls`` returns as
-soon as the batch is handed to one background committer thread (at most one batch in
-flight), so the caller parses and transforms the next batch while DuckDB or pyarrow
-(which release the GIL) write this one on the other core. Commits stay atomic and in
-order; every other method waits for the batch in flight first (``_settle``) and a
-failed commit is raised by the next call. The price: a kill -9 can lose the batch in
-flight although ``commit_calls`` returned, exactly as if the process had died just
-before it: none of its calls is recorded, so they are read (or fetched) again.
 """
 
 from __future__ import annotations
@@ -40,7 +31,6 @@ import errno
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -77,14 +67,11 @@ class Warehouse(abc.ABC):
     _lock: OutputLock
 
     def __init__(
-        self, path: Path, wait_for_lock: bool = False, write_behind: bool = False, wait_seconds: float | None = None
+        self, path: Path, wait_for_lock: bool = False, wait_seconds: float | None = None
     ):
         self.path = path
         self.wait_for_lock = wait_for_lock
         self.wait_seconds = wait_seconds
-        self.write_behind = write_behind
-        self._committer: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
         #: The first write failure: later failures (a rollback, the final save_run) report it, not themselves.
         self._failure: WarehouseError | None = None
         self._last_finished: dict[str, Any] | None = None
@@ -135,7 +122,7 @@ class Warehouse(abc.ABC):
     def commit_calls(
         self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str
     ) -> list[CallOutcome]:
-        """Commit one batch atomically (see the module docstring), maybe write-behind.
+        """Commit one batch atomically (see the module docstring).
 
         Returns the outcomes as committed: a call holding a stage id that the warehouse
         already stores under another call (one not replaced by this batch) is turned
@@ -143,26 +130,15 @@ class Warehouse(abc.ABC):
         """
         if not outcomes:
             return []
-        self._settle()
         with self._writing():
             tables, outcomes = self._claim_stages(tables, outcomes)
-        if not self.write_behind:
-            self._commit_translated(tables, outcomes, run_id)
-            return outcomes
-        if self._committer is None:
-            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.format}-commit")
-        # Copies: the caller may reuse its containers (Arrow tables are immutable).
-        self._pending = self._committer.submit(self._commit_translated, dict(tables), list(outcomes), run_id)
-        return outcomes
-
-    def _commit_translated(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
-        with self._writing():
             self._commit_batch(tables, outcomes, run_id)
+        return outcomes
 
     def _claim_stages(
         self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome]
     ) -> tuple[Mapping[str, pa.Table], list[CallOutcome]]:
-        """One anti-join of the batch's stage ids against the stored ones (settled)."""
+        """One anti-join of the batch's stage ids against the stored ones."""
         stages = tables.get(schema.CALL_STAGES.name)
         if stages is None or not stages.num_rows:
             return tables, list(outcomes)
@@ -194,22 +170,7 @@ class Warehouse(abc.ABC):
 
     @abc.abstractmethod
     def _commit_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
-        """The commit itself; never runs concurrently with any other method."""
-
-    def _settle(self) -> None:
-        """Wait for the batch in flight; raise its error (once). Call before any other work."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def _stop_committer(self) -> None:
-        """For ``close``: settle, then stop the committer thread (also when settling raises)."""
-        try:
-            self._settle()
-        finally:
-            if self._committer is not None:
-                self._committer.shutdown(wait=True)
-                self._committer = None
+        """The commit itself."""
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -324,7 +285,6 @@ def open_warehouse(
     location: str | Path,
     wait_for_lock: bool = False,
     memory_limit: str = "96MB",
-    write_behind: bool = False,
     wait_seconds: float | None = None,
 ) -> Warehouse:
     """The warehouse for ``fmt`` at ``location`` (not opened yet). Object-store URLs
@@ -332,7 +292,7 @@ def open_warehouse(
     if fmt == "delta":
         from pipeline.load.delta import DeltaWarehouse
 
-        return DeltaWarehouse(location, wait_for_lock, write_behind, wait_seconds)  # type: ignore[arg-type]
+        return DeltaWarehouse(location, wait_for_lock, wait_seconds)  # type: ignore[arg-type]
     if _is_remote(location):
         what = "the Parquet folder" if fmt == "parquet" else "the DuckDB file"
         raise OutputError(f"--output {location}: {what} needs a local disk; use --format delta for object storage")
@@ -340,11 +300,11 @@ def open_warehouse(
     if fmt == "duckdb":
         from pipeline.load.duckdb import DuckDBWarehouse
 
-        return DuckDBWarehouse(path, wait_for_lock, memory_limit, write_behind, wait_seconds)
+        return DuckDBWarehouse(path, wait_for_lock, memory_limit, wait_seconds)
     if fmt == "parquet":
         from pipeline.load.parquet import ParquetWarehouse
 
-        return ParquetWarehouse(path, wait_for_lock, write_behind, wait_seconds)
+        return ParquetWarehouse(path, wait_for_lock, wait_seconds)
     raise ValueError(f"unknown format {fmt!r}")
 
 

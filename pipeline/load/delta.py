@@ -575,12 +575,11 @@ class DeltaWarehouse(Warehouse):
         self,
         path: str | Path,
         wait_for_lock: bool = False,
-        write_behind: bool = False,
         wait_seconds: float | None = None,
     ):
         uri = location_uri(path)
         # The URI, not a Path: messages name the real location (a Path would collapse s3://).
-        super().__init__(uri, wait_for_lock, write_behind, wait_seconds)  # type: ignore[arg-type]
+        super().__init__(uri, wait_for_lock, wait_seconds)  # type: ignore[arg-type]
         self.uri = uri
         self._lock = (  # type: ignore[assignment]
             S3Lock(uri, wait_for_lock, wait_seconds)
@@ -618,10 +617,7 @@ class DeltaWarehouse(Warehouse):
             raise
 
     def close(self) -> None:
-        try:
-            self._stop_committer()
-        finally:
-            self._release_resources()
+        self._release_resources()
 
     def _release_resources(self) -> None:
         if self._con is not None:
@@ -667,12 +663,10 @@ class DeltaWarehouse(Warehouse):
         return rows.cast(pa.schema([target.field(c) for c in columns]))
 
     def call_statuses(self) -> dict[str, str]:
-        self._settle()
         rows = self._scan("etl_calls", ["call_id", "status"])
         return dict(zip(rows["call_id"].to_pylist(), rows["status"].to_pylist(), strict=True))
 
     def read_state(self, key: str) -> str | None:
-        self._settle()
         rows = self._scan("etl_state", ["value"], "key", [key])
         return rows["value"][0].as_py() if rows.num_rows else None
 
@@ -762,7 +756,6 @@ class DeltaWarehouse(Warehouse):
             return
         (key,) = table.primary_key
         rows = rows.select(table.column_names).cast(table.arrow_schema)
-        self._settle()
         with self._delta_writing():
             self._merge_upsert(table.name, rows, key)
 
@@ -770,7 +763,6 @@ class DeltaWarehouse(Warehouse):
         """Set calls.deleted_at where not set yet (one commit for the changed calls)."""
         if not deleted:
             return
-        self._settle()
         flags = deleted_table(deleted)
         ids = flags["call_id"].combine_chunks()
         rows = self._rows(schema.CALLS, "call_id", ids)

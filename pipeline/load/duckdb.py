@@ -110,10 +110,9 @@ class DuckDBWarehouse(Warehouse):
         path: Path,
         wait_for_lock: bool = False,
         memory_limit: str = "96MB",
-        write_behind: bool = False,
         wait_seconds: float | None = None,
     ):
-        super().__init__(path, wait_for_lock, write_behind, wait_seconds)
+        super().__init__(path, wait_for_lock, wait_seconds)
         self.memory_limit = memory_limit
         self._base_memory = parse_bytes(memory_limit)
         self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
@@ -166,14 +165,11 @@ class DuckDBWarehouse(Warehouse):
 
     def close(self) -> None:
         try:
-            self._stop_committer()
+            self._close_connection()
+        except STORAGE_ERRORS as exc:  # the closing checkpoint writes too
+            raise self._write_failure(exc) from exc
         finally:
-            try:
-                self._close_connection()
-            except STORAGE_ERRORS as exc:  # the closing checkpoint writes too
-                raise self._write_failure(exc) from exc
-            finally:
-                self._lock.release()
+            self._lock.release()
 
     def _close_connection(self) -> None:
         con, self._con = self._con, None
@@ -185,7 +181,6 @@ class DuckDBWarehouse(Warehouse):
             _remove_empty_dir(temp_path(self.path))
 
     def call_statuses(self) -> dict[str, str]:
-        self._settle()
         rows = self.con.execute("SELECT call_id::VARCHAR, status FROM etl_calls").fetchall()
         return dict(rows)
 
@@ -209,7 +204,6 @@ class DuckDBWarehouse(Warehouse):
     def upsert(self, table: schema.Table, rows: pa.Table) -> None:
         if not rows.num_rows:
             return
-        self._settle()
         with self._writing():  # after a write failure: its cause, even once closed
             self.con.register("upsert_rows", rows)
             try:
@@ -218,12 +212,10 @@ class DuckDBWarehouse(Warehouse):
                 self.con.unregister("upsert_rows")
 
     def read_state(self, key: str) -> str | None:
-        self._settle()
         rows = self.con.execute("SELECT value FROM etl_state WHERE key = ?", [key]).fetchall()
         return rows[0][0] if rows else None
 
     def flag_deleted(self, deleted: Mapping[str, datetime]) -> None:
-        self._settle()
         self.con.register("deleted_calls", deleted_table(deleted))
         try:
             with self._writing():

@@ -791,14 +791,14 @@ def _write_unsynced(rows: pa.Table, path: Path) -> None:
 
 
 class ParquetWarehouse(Warehouse):
-    """The Parquet folder warehouse (``write_behind``: see :mod:`pipeline.load`)."""
+    """The Parquet folder warehouse."""
 
     format = "parquet"
 
     def __init__(
-        self, path: Path, wait_for_lock: bool = False, write_behind: bool = False, wait_seconds: float | None = None
+        self, path: Path, wait_for_lock: bool = False, wait_seconds: float | None = None
     ):
-        super().__init__(path, wait_for_lock, write_behind, wait_seconds)
+        super().__init__(path, wait_for_lock, wait_seconds)
         self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
         self._index: FileIndex | None = None
         #: Loaded at the first ownership check, then kept up to date by each commit.
@@ -836,10 +836,7 @@ class ParquetWarehouse(Warehouse):
             raise
 
     def close(self) -> None:
-        try:
-            self._stop_committer()  # the batch in flight is committed (or its error raised)
-        finally:
-            self._release_resources()
+        self._release_resources()
 
     def _release_resources(self) -> None:
         for pool in (self._pool, self._io_pool):
@@ -854,7 +851,6 @@ class ParquetWarehouse(Warehouse):
         self._lock.release()
 
     def call_statuses(self) -> dict[str, str]:
-        self._settle()
         files = sorted(self.index.all_files("etl_calls"))
         if not files:
             return {}
@@ -880,11 +876,9 @@ class ParquetWarehouse(Warehouse):
             return
         rows = _conform(rows, table)
         keys = pc.unique(rows[key_column(table.name)].combine_chunks())
-        self._settle()
         self._transact(lambda tx: tx.replace(table, keys, split_by_partition(rows, table.name, None, None)))
 
     def read_state(self, key: str) -> str | None:
-        self._settle()
         rows = _rows_with_keys(self.path, self.index.per_table, schema.ETL_STATE, pa.array([key], pa.string()))
         return rows["value"][0].as_py() if rows.num_rows else None
 
@@ -892,7 +886,6 @@ class ParquetWarehouse(Warehouse):
         """Set calls.deleted_at where not set yet; rewrites only the files of those calls."""
         if not deleted:
             return
-        self._settle()
         flags = deleted_table(deleted)
 
         def work(tx: Transaction) -> None:
