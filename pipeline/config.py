@@ -67,7 +67,7 @@ class Settings:
     replay_batch_stages: int = 8000
     replay_batch_bytes: int = 24 * 1024 * 1024
     #: `replay`: processes reading and transforming the landing zone, each a share of the calls.
-    replay_readers: int = 2
+    replay_readers: int = 1
     #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).
     outage_calls: int = 10
     #: `run --incremental`: list calls from the stored watermark minus the overlap window.

@@ -195,19 +195,32 @@ class ReplayReader:
         self._process.wait()
 
 
-def messages(readers: Sequence[ReplayReader], stopping: Callable[[], bool]) -> Iterator[ReplayMessage]:
-    """The readers' messages as they arrive, until each has sent its last one, or until
-    ``stopping()`` is true while waiting."""
-    active = {reader._conn: reader for reader in readers}
+def messages(readers: Sequence[ReplayReader], stopping: Callable[[], bool]) -> Iterator[tuple[int, ReplayMessage]]:
+    """(reader index, message) as they arrive, until each reader has sent its last one,
+    or until ``stopping()`` is true while waiting."""
+    active = {reader._conn: index for index, reader in enumerate(readers)}
     while active:
         ready = wait(list(active), POLL_SECONDS)
         if not ready and stopping():
             return
         for conn in ready:
-            message = active[conn].receive()  # type: ignore[index]
+            index = active[conn]  # type: ignore[index]
+            message = readers[index].receive()
             if message.batch is None:
                 del active[conn]  # type: ignore[arg-type]
-            yield message
+            yield index, message
+
+
+def merge(batches: Sequence[PreparedBatch]) -> PreparedBatch:
+    """Batches of different readers as one (their calls are disjoint)."""
+    if len(batches) == 1:
+        return batches[0]
+    names = list(batches[0].tables)
+    return PreparedBatch(
+        {name: pa.concat_tables([b.tables[name] for b in batches]) for name in names},
+        [o for b in batches for o in b.outcomes],
+        [w for b in batches for w in b.warnings],
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import release_free_memory, use_system_allocator
 from pipeline.raw import BadLine, RawWriter, Share, heal_partial_files
-from pipeline.replay_reader import ReplayReader, messages
+from pipeline.replay_reader import ReplayReader, merge, messages
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
 
 #: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
@@ -534,11 +534,13 @@ def run_replay(
                 guard.deferring = True  # stop between batches, never inside a commit
                 loader = BatchLoader(warehouse, run, reporter)
                 with contextlib.ExitStack() as readers:
-                    shares = [Share(index, settings.replay_readers) for index in range(settings.replay_readers)]
+                    count = settings.replay_readers
+                    # Each reader builds its share of a commit: one batch from each is committed together.
                     started_readers = [
-                        readers.enter_context(ReplayReader(raw_dir, settings.replay_batch_stages,
-                                                           settings.replay_batch_bytes, run.run_id, share))
-                        for share in shares
+                        readers.enter_context(ReplayReader(raw_dir, -(-settings.replay_batch_stages // count),
+                                                           -(-settings.replay_batch_bytes // count), run.run_id,
+                                                           Share(index, count)))
+                        for index in range(count)
                     ]
                     _replay_into(started_readers, loader, result, guard)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
@@ -567,20 +569,33 @@ def _heal_landing_zone(raw_dir: Path, reporter: Reporter) -> None:
 
 
 def _replay_into(readers: list[ReplayReader], loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
-    """Commit the readers' batches as they come (each reader's in order) until each has
-    sent its last message, or a stop signal."""
-    run = loader.run
-    for message in messages(readers, lambda: guard.signum is not None):
+    """Commit a batch from each reader at a time (each reader holds a share of a commit)
+    until each has sent its last message, or a stop signal."""
+    gathered: dict[int, PreparedBatch] = {}
+    finished: set[int] = set()
+
+    def commit_gathered() -> None:
+        if gathered:
+            loader.commit(merge([gathered[index] for index in sorted(gathered)]))
+            gathered.clear()
+            loader.done = loader.run.calls_requested = len(loader.run.tally)
+            loader.reporter.progress(_snapshot(loader, None, None))
+
+    for index, message in messages(readers, lambda: guard.signum is not None):
         for bad in message.bad_lines:
             result.bad_lines.append(bad)
             loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
         if message.batch is None:
+            finished.add(index)
             result.reader_peak_rss_kb = (result.reader_peak_rss_kb or 0) + (message.peak_rss_kb or 0)
-            continue
-        loader.commit(message.batch)
-        loader.done = run.calls_requested = len(run.tally)
-        loader.reporter.progress(_snapshot(loader, None, None))
+        else:
+            if index in gathered:  # this reader is a batch ahead of another
+                commit_gathered()
+            gathered[index] = message.batch
+        if len(gathered) + len(finished) >= len(readers):
+            commit_gathered()
         if guard.signum is not None:
             break
-    loader.done = run.calls_requested = len(run.tally)
+    commit_gathered()  # what was read is committed, also when a signal stopped the reading
+    loader.done = loader.run.calls_requested = len(loader.run.tally)
     loader.reporter.progress(_snapshot(loader, None, None), force=True)

@@ -192,7 +192,7 @@ def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path:
     expected = list(replay_reader.read_batches(raw, 40, 1 << 20, "run-y"))
     received = []
     with _reader_in_fork(str(raw), 40, 1 << 20, "run-y") as reader:
-        received = list(messages([reader], lambda: False))
+        received = [message for _, message in messages([reader], lambda: False)]
     assert len(received) == len(expected) > 2
     for got, want in zip(received, expected, strict=True):
         assert [(b.where, b.reason) for b in got.bad_lines] == [(b.where, b.reason) for b in want.bad_lines]
