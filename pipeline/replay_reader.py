@@ -29,6 +29,7 @@ from pipeline.raw import WHOLE, BadLine, Share, read_landing_zone
 #: How often the committing side looks up from a wait (to notice a stop signal).
 POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
+_PIPE_BYTES = 1 << 20
 
 
 class ReaderError(StagesError):
@@ -96,6 +97,16 @@ def _failure(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _widen(fd: int) -> None:
+    """A 1 MiB pipe on Linux (instead of 64 KiB): a batch crosses in far fewer reads and writes."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+    except (ImportError, OSError):
+        pass  # not Linux, or above the system's pipe-max-size: the default size works too
+
+
 def _peak_rss_kb() -> int | None:
     try:
         with open("/proc/self/status") as status:
@@ -148,6 +159,7 @@ class ReplayReader:
 
     def __init__(self, raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE):
         read_fd, write_fd = os.pipe()
+        _widen(write_fd)
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         try:
