@@ -209,7 +209,7 @@ def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path:
 @pytest.fixture(scope="module")
 def big_landing_zone(tmp_path_factory) -> Path:
     raw = tmp_path_factory.mktemp("big") / "raw"
-    _landing_zone(raw, 1200, seed=11)
+    _landing_zone(raw, 800, seed=11)
     return raw
 
 
@@ -256,8 +256,8 @@ def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path
     assert rerun.returncode == 0, rerun.stderr
     assert _stored(db, "SELECT count(*) = count(DISTINCT call_stage_id) FROM call_stages") == [(True,)]
     assert _stored(db, "SELECT status FROM etl_runs ORDER BY started_at") == [("crashed",), ("succeeded",)]
-    expected = sum(len(stages) for stages in (SyntheticData(n_calls=1200, seed=11).stages_for(c)
-                                              for c in SyntheticData(n_calls=1200, seed=11).call_ids))
+    expected = sum(len(stages) for stages in (SyntheticData(n_calls=800, seed=11).stages_for(c)
+                                              for c in SyntheticData(n_calls=800, seed=11).call_ids))
     assert _stored(db, "SELECT count(*) FROM call_stages") == [(expected,)]
 
 
