@@ -27,6 +27,7 @@ from pipeline.config import Settings  # noqa: E402
 from pipeline.log import Reporter  # noqa: E402
 from pipeline.runner import run_export  # noqa: E402
 from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData  # noqa: E402
+from pipeline.sandbox import write_landing_zone as land_calls  # noqa: E402
 
 KEY = "bench-key"
 
@@ -143,21 +144,9 @@ def write_landing_zone(directory: Path, n_stages: int) -> int:
     stages come from bench/transform_bench.py: prompts of 0.5-4 KB, 0-5 inactivity
     messages, one or two voices of every provider (generic ones with secret headers),
     ~3.3 KB of JSON a stage, calls of 1-5 stages spread over 30 days."""
-    from pipeline.raw import RawWriter
-    from pipeline.records import CallFetch
     from transform_bench import make_calls
 
-    writer = RawWriter(directory, "bench-landing")
-    fetches: list[CallFetch] = []
-    for call_id, stages in make_calls(n_stages):
-        page = {"next": None, "previous": None, "results": stages, "total": len(stages)}
-        fetches.append(CallFetch(call_id, "loaded", pages=[page],
-                                 page_urls=[f"https://api.ultravox.ai/api/calls/{call_id}/stages?pageSize=100"]))
-        if len(fetches) == 1000:
-            writer.write(fetches)
-            fetches = []
-    writer.write(fetches)
-    writer.close()
+    land_calls(directory, make_calls(n_stages), "bench-landing")
     return n_stages
 
 

@@ -18,27 +18,15 @@ from click.testing import CliRunner
 
 import pipeline.replay_reader as replay_reader
 from pipeline.cli import cli
-from pipeline.raw import RawWriter
-from pipeline.records import CallFetch
 from pipeline.replay_reader import ReaderError, ReplayReader, messages
-from pipeline.sandbox import SyntheticData
+from pipeline.sandbox import SyntheticData, write_landing_zone
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _landing_zone(raw: Path, n_calls: int, seed: int = 5) -> SyntheticData:
     data = SyntheticData(n_calls=n_calls, seed=seed)
-    writer = RawWriter(raw, "landed")
-    fetches = []
-    for call_id in data.call_ids:
-        stages = data.stages_for(call_id)
-        page = {"next": None, "previous": None, "results": stages, "total": len(stages)}
-        fetches.append(CallFetch(call_id, "loaded", pages=[page], page_urls=[f"https://api.ultravox.ai/api/calls/{call_id}/stages"]))
-        if len(fetches) == 500:
-            writer.write(fetches)
-            fetches = []
-    writer.write(fetches)
-    writer.close()
+    write_landing_zone(raw, ((call_id, data.stages_for(call_id)) for call_id in data.call_ids))
     return data
 
 

@@ -28,11 +28,12 @@ from pipeline.sandbox.app import (
     SandboxStats,
     planted_secrets,
 )
-from pipeline.sandbox.data import SyntheticData, write_call_ids
+from pipeline.sandbox.data import SyntheticData, write_call_ids, write_landing_zone
 from pipeline.sandbox.server import Sandbox, SandboxProcess, serve
 
 __all__ = [
     "FAULT_KINDS", "HOSTILE_KINDS", "HOSTILE_KIND_DOCS", "PLANTED_SECRET_PREFIX", "PageHook", "Reply", "Sandbox",
     "SandboxApp", "SandboxOptions", "SandboxProcess", "SandboxStats", "SyntheticData", "planted_secrets", "serve",
     "write_call_ids",
+    "write_landing_zone",
 ]

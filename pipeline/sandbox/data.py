@@ -12,12 +12,14 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
+from pipeline.raw import RawWriter
+from pipeline.records import CallFetch
 
 EPOCH = datetime(2025, 6, 2, tzinfo=UTC)  # fixed, so data never depends on "now"
 SPAN_SECONDS = 10 * 86_400  # calls are spread over ten days
@@ -684,3 +686,18 @@ def _initial_state(rng: random.Random) -> dict[str, Any]:
 def write_call_ids(data: SyntheticData, path: Path) -> None:
     """The served call ids, one per line (the format ``run --calls-file`` reads)."""
     Path(path).write_text("".join(f"{cid}\n" for cid in data.call_ids), encoding="utf-8")
+
+
+def write_landing_zone(directory: Path, calls: Iterable[tuple[str, list[dict[str, Any]]]], run_id: str = "landed") -> None:
+    """Calls' stages as ``run --raw-dir`` lands them (one page per call), for replays without a run."""
+    writer = RawWriter(Path(directory), run_id)
+    fetches: list[CallFetch] = []
+    for call_id, stages in calls:
+        page = {"next": None, "previous": None, "results": stages, "total": len(stages)}
+        fetches.append(CallFetch(call_id, "loaded", pages=[page],
+                                 page_urls=[f"https://api.ultravox.ai/api/calls/{call_id}/stages?pageSize=100"]))
+        if len(fetches) == 1000:
+            writer.write(fetches)
+            fetches = []
+    writer.write(fetches)
+    writer.close()
