@@ -9,6 +9,7 @@ holds one message at a time, so at most one batch waits while the next is built.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -30,6 +31,7 @@ from pipeline.raw import WHOLE, BadLine, Share, read_landing_zone
 POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
 _PIPE_BYTES = 1 << 20
+_GC_THRESHOLD = 20_000
 
 
 class ReaderError(StagesError):
@@ -132,6 +134,9 @@ def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
+    # The batches are acyclic: the collector's passes over them cost more than they find.
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 20)
     conn = Connection(fd, readable=False)
     try:
         for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id, share):
