@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import pyarrow as pa
 
@@ -129,11 +130,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def _reader_main(fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE) -> None:
+def _reader_main(
+    fd: int, raw_dir: str, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE,
+    go: IO[bytes] | None = None,
+) -> None:
+    """The reader: waits for a byte on ``go`` (if given), then sends every message to ``fd``."""
     # Stop signals are the committing process's to handle; it ends us when it stops.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
+    if go is not None and not go.read(1):
+        return  # the committing process ended before it let us read (e.g. its output is locked)
     # The batches are acyclic: the collector's passes over them cost more than they find.
     gc.freeze()
     gc.set_threshold(_GC_THRESHOLD, 20, 20)
@@ -171,7 +178,7 @@ class ReplayReader:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.replay_reader", str(write_fd), str(raw_dir), str(batch_stages),
                  str(batch_bytes), run_id, str(share.index), str(share.count)],
-                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, env=env,
+                pass_fds=(write_fd,), stdin=subprocess.PIPE, env=env,
             )
         except BaseException:
             os.close(read_fd)
@@ -179,6 +186,15 @@ class ReplayReader:
         finally:
             os.close(write_fd)
         self._conn = Connection(read_fd, writable=False)
+
+    def go(self) -> None:
+        """Let the reader start reading (it has started and imported meanwhile)."""
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(b"g")
+            self._process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died already: its pipe's end says so to the next receive
 
     def __enter__(self) -> ReplayReader:
         return self
@@ -210,6 +226,11 @@ class ReplayReader:
         if self._process.poll() is None:
             self._process.kill()
         self._process.wait()
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
 
 
 def messages(readers: Sequence[ReplayReader], stopping: Callable[[], bool]) -> Iterator[tuple[int, ReplayMessage]]:
@@ -242,4 +263,4 @@ def merge(batches: Sequence[PreparedBatch]) -> PreparedBatch:
 
 if __name__ == "__main__":
     _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
-                 Share(int(sys.argv[6]), int(sys.argv[7])))
+                 Share(int(sys.argv[6]), int(sys.argv[7])), sys.stdin.buffer)

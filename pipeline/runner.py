@@ -520,11 +520,18 @@ def run_replay(
 ) -> RunResult:
     started = time.monotonic()
     use_system_allocator()
-    with StopSignals() as guard:
+    run = _new_run(settings, {"replay": str(raw_dir)})
+    result = RunResult(run)
+    with StopSignals() as guard, contextlib.ExitStack() as readers:
+        # The readers start (and import) while the warehouse opens; they read once told to.
+        count = settings.replay_readers
+        started_readers = [
+            readers.enter_context(ReplayReader(raw_dir, -(-settings.replay_batch_stages // count),
+                                               -(-settings.replay_batch_bytes // count), run.run_id, Share(index, count)))
+            for index in range(count)
+        ]
         warehouse = _open(settings, wait_for_lock, wait_seconds)
         with warehouse:
-            run = _new_run(settings, {"replay": str(raw_dir)})
-            result = RunResult(run)
             try:
                 warehouse.save_run(run)
                 warehouse.publish(run)
@@ -532,17 +539,10 @@ def run_replay(
                                  replay=str(raw_dir), output=settings.output_location, format=settings.format)
                 _heal_landing_zone(raw_dir, reporter)
                 guard.deferring = True  # stop between batches, never inside a commit
-                loader = BatchLoader(warehouse, run, reporter)
-                with contextlib.ExitStack() as readers:
-                    count = settings.replay_readers
-                    # Each reader builds its share of a commit: one batch from each is committed together.
-                    started_readers = [
-                        readers.enter_context(ReplayReader(raw_dir, -(-settings.replay_batch_stages // count),
-                                                           -(-settings.replay_batch_bytes // count), run.run_id,
-                                                           Share(index, count)))
-                        for index in range(count)
-                    ]
-                    _replay_into(started_readers, loader, result, guard)
+                for reader in started_readers:
+                    reader.go()
+                # Each reader builds its share of a commit: one batch from each is committed together.
+                _replay_into(started_readers, BatchLoader(warehouse, run, reporter), result, guard)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()

@@ -55,13 +55,16 @@ def _wait_for(condition, seconds: float = 30.0) -> bool:
     return condition()
 
 
-def _calls_committed(db: Path) -> int:
-    """Calls committed so far by the run writing ``db``, from the live state in its lock file."""
+def _live_run(db: Path) -> dict:
+    """The run writing ``db`` as its lock file publishes it ({} before it has started)."""
     try:
-        run = (json.loads(db.with_name(db.name + ".lock").read_text() or "{}").get("run") or {})
+        return json.loads(db.with_name(db.name + ".lock").read_text() or "{}").get("run") or {}
     except (OSError, ValueError):
-        return 0
-    return int(run.get("calls_loaded") or 0)
+        return {}
+
+
+def _calls_committed(db: Path) -> int:
+    return int(_live_run(db).get("calls_loaded") or 0)
 
 
 def _stored(db: Path, sql: str):
@@ -139,6 +142,8 @@ def _reader_in_fork(*args) -> ReplayReader:
 
 class _Forked:
     """The Popen methods ReplayReader uses, for a forked child."""
+
+    stdin = None  # the forked reader reads at once
 
     def __init__(self, pid: int):
         self.pid, self.returncode = pid, None
@@ -234,7 +239,7 @@ def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path
     command = [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
                "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    assert _wait_for(lambda: _readers_of(big_landing_zone) != [] or proc.poll() is not None)
+    assert _wait_for(lambda: (_readers_of(big_landing_zone) != [] and _live_run(db) != {}) or proc.poll() is not None)
     assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -292,3 +297,15 @@ def test_two_readers_give_the_tables_one_reader_gives(tmp_path: Path) -> None:
         }
         assert _readers_of(raw) == []
     assert tables[1] == tables[2] and len(tables[1]["call_stages"]) > 100
+
+
+def test_a_replay_refused_for_a_locked_output_leaves_no_reader_behind(tmp_path: Path) -> None:
+    from pipeline.load.duckdb import DuckDBWarehouse
+
+    raw = tmp_path / "raw"
+    _landing_zone(raw, 20)
+    db = tmp_path / "w.duckdb"
+    with DuckDBWarehouse(db):  # another run holds the output
+        result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--no-progress"])
+        assert result.exit_code == 2 and "another run is writing to this output" in result.stderr
+        assert _readers_of(raw) == []
