@@ -9,12 +9,30 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 KEY = "uvx-e2e-7f3a9c-DO-NOT-LEAK"
+#: Modules whose tests take longest, started first so that no long test is left for the end
+#: of a parallel run; the rest keep their order.
+RUN_FIRST = (
+    "test_delta_s3.py", "test_bench.py", "test_parquet.py", "test_warehouse_hardening.py", "test_parquet_crash.py",
+    "test_e2e_parquet.py", "test_e2e_run.py", "test_property_transform.py", "test_sandbox_hostile.py",
+    "test_e2e_faults.py", "test_cron.py", "test_delta.py", "test_e2e_hostile_kinds.py", "test_reports.py",
+)
+_STOPPER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uvx-sandbox-stop")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))
+
+
+def pytest_sessionfinish() -> None:
+    _STOPPER.shutdown(wait=True)
 
 
 @dataclass
@@ -61,8 +79,8 @@ def start_sandbox() -> Iterator:
         return box
 
     yield start
-    for box in running:
-        box.stop()
+    for box in running:  # stop() waits for the server's poll: let that happen beside the next test
+        _STOPPER.submit(box.stop)
 
 
 @dataclass

@@ -41,7 +41,7 @@ def test_a_bug_is_exit_4_with_one_line_and_the_run_recorded_crashed(tmp_path, st
     def broken_transform(*_args, **_kwargs):
         raise RuntimeError("transform exploded")
 
-    monkeypatch.setattr("pipeline.runner.transform_calls", broken_transform)
+    monkeypatch.setattr("pipeline.batch.transform_calls", broken_transform)
     res = invoke("run", "--calls-file", _ids(tmp_path, box.data.call_ids), "--output", str(db), "--base-url", box.base_url)
     assert res.exit_code == 4, res.stderr
     assert res.stderr.strip().splitlines() == [

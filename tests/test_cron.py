@@ -97,12 +97,18 @@ def _landed_call_ids(raw: Path) -> list[str]:
     return ids
 
 
+def _no_more_latency(box) -> None:
+    """The latency only keeps the stopped run busy; what follows it needs none."""
+    box.options.latency_ms = 0
+
+
 def _stop_and_check(tmp_path, box, sig: int, expected_code: int, log_format: str):
     db, raw, args = _setup(tmp_path, box)
     running = Running(args + ["--log-format", log_format])
     _wait_until_committing(running, raw)
     running.proc.send_signal(sig)
     code, stderr = running.finish()
+    _no_more_latency(box)
     assert code == expected_code, stderr
     last = stderr.strip().splitlines()[-1]
     name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
@@ -133,22 +139,23 @@ def _stop_and_check(tmp_path, box, sig: int, expected_code: int, log_format: str
 
 
 def test_sigterm_commits_what_was_fetched_records_interrupted_exit_143(tmp_path, start_sandbox):
-    box = start_sandbox(n_calls=150, seed=51, latency_ms=60)
+    box = start_sandbox(n_calls=80, seed=51, latency_ms=60)
     _stop_and_check(tmp_path, box, signal.SIGTERM, 143, "json")
 
 
 def test_ctrl_c_is_the_same_with_exit_130_and_one_text_line(tmp_path, start_sandbox):
-    box = start_sandbox(n_calls=150, seed=52, latency_ms=60)
+    box = start_sandbox(n_calls=80, seed=52, latency_ms=60)
     _stop_and_check(tmp_path, box, signal.SIGINT, 130, "text")
 
 
 def test_kill_9_leaves_a_ghost_that_status_and_the_next_run_mark_crashed(tmp_path, start_sandbox):
-    box = start_sandbox(n_calls=150, seed=53, latency_ms=60)
+    box = start_sandbox(n_calls=80, seed=53, latency_ms=60)
     db, raw, args = _setup(tmp_path, box)
     running = Running(args)
     _wait_until_committing(running, raw)
     running.proc.send_signal(signal.SIGKILL)
     running.finish()
+    _no_more_latency(box)
     status = run_cli("status", "--output", str(db), "--format", "json")
     assert status.code == 1, status.stdout + status.stderr
     rest = run_cli(*args)

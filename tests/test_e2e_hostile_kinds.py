@@ -11,13 +11,16 @@ import pytest
 
 from conftest import KEY, expected_for, write_ids
 from pipeline.load import query_connection
-from pipeline.sandbox import PLANTED_SECRET_PREFIX
+from pipeline.sandbox import PLANTED_SECRET_PREFIX, SyntheticData
 from pipeline.schema import TABLES
 
 FAST = (
     "max_attempts = 3\nbackoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.01\n"
     "retry_after_max_seconds = 0.01\nrequest_deadline_seconds = 1.0\nmax_call_bytes = 16777216\n"
 )
+#: A slow_body call fails on the deadline, every attempt: a shorter one still leaves the other
+#: calls of the run (a few KB each, from loopback) far more time than they need.
+SLOW_BODY_FAST = FAST.replace("request_deadline_seconds = 1.0", "request_deadline_seconds = 0.3")
 #: What each kind must end as: the call is loaded (its bad parts made harmless) or failed.
 OUTCOME = {
     "invalid_next": "failed",
@@ -42,9 +45,9 @@ def _output(tmp_path: Path, fmt: str) -> Path:
     return tmp_path / ("w.duckdb" if fmt == "duckdb" else "lake")
 
 
-def _run(cli, tmp_path: Path, box, fmt: str, ids, *args: str):
+def _run(cli, tmp_path: Path, box, fmt: str, ids, *args: str, settings: str = FAST):
     cfg = tmp_path / "fast.toml"
-    cfg.write_text(FAST)
+    cfg.write_text(settings)
     out = _output(tmp_path, fmt)
     ids_file = write_ids(tmp_path / "ids.txt", ids)
     res = cli("run", "--calls-file", str(ids_file), "--base-url", box.base_url, "--format", fmt,
@@ -52,44 +55,62 @@ def _run(cli, tmp_path: Path, box, fmt: str, ids, *args: str):
     return res, out
 
 
-def _rows(fmt: str, out: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = query_connection(fmt, out)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
+class Output:
+    """One read connection to a finished run's output, shared by every check of it."""
+
+    def __init__(self, fmt: str, path: Path):
+        self.con = query_connection(fmt, path)
+
+    def rows(self, sql: str, params: list | None = None) -> list[tuple]:
+        return self.con.execute(sql, params or []).fetchall()
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.con.close()
 
 
-def _assert_nothing_leaks(fmt: str, out: Path, tmp_path: Path, res) -> None:
+def _assert_nothing_leaks(output: Output, tmp_path: Path, res) -> None:
     for needle in (KEY, PLANTED_SECRET_PREFIX):
         assert needle not in res.stdout and needle not in res.stderr
         for table in TABLES:
-            hits = _rows(fmt, out, f"SELECT count(*) FROM {table} t WHERE t::VARCHAR LIKE ?", [f"%{needle}%"])
+            hits = output.rows(f"SELECT count(*) FROM {table} t WHERE t::VARCHAR LIKE ?", [f"%{needle}%"])
             assert hits == [(0,)], f"{needle!r} stored in {table}"
         for raw in (tmp_path / "raw").glob("*.jsonl.gz"):
             assert needle.encode() not in gzip.decompress(raw.read_bytes()), f"{needle!r} landed in {raw.name}"
 
 
-def _statuses(fmt: str, out: Path) -> dict[str, tuple[str, str | None]]:
-    return {c: (s, e) for c, s, e in _rows(fmt, out, "SELECT call_id::VARCHAR, status, error FROM etl_calls")}
+def _statuses(output: Output) -> dict[str, tuple[str, str | None]]:
+    return {c: (s, e) for c, s, e in output.rows("SELECT call_id::VARCHAR, status, error FROM etl_calls")}
 
 
-def _assert_others_exact(fmt: str, out: Path, box, others: list[str]) -> None:
+def _assert_others_exact(output: Output, box, others: list[str]) -> None:
     expected = expected_for(box.data, others)
-    got = _rows(fmt, out, "SELECT count(*), coalesce(sum(latest_token_count), 0) FROM call_stages "
-                          "WHERE call_id::VARCHAR IN (SELECT unnest(?))", [others])[0]
+    got = output.rows("SELECT count(*), coalesce(sum(latest_token_count), 0) FROM call_stages "
+                      "WHERE call_id::VARCHAR IN (SELECT unnest(?))", [others])[0]
     assert got == (expected.stages, expected.latest_tokens)
-    assert all(_rows(fmt, out, sql) == [(0,)] for sql in KEYS_UNIQUE)
+    assert all(output.rows(sql) == [(0,)] for sql in KEYS_UNIQUE)
+
+
+def _first_call_with_stages(n_calls: int, seed: int) -> str:
+    data = SyntheticData(n_calls=n_calls, seed=seed)
+    return next(c for c in data.call_ids if data.stages_for(c))
 
 
 @pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
 @pytest.mark.parametrize("kind", sorted(OUTCOME))
 def test_each_hostile_kind_fails_or_loads_alone(tmp_path, start_sandbox, cli, kind, fmt):
-    probe = start_sandbox(n_calls=30, seed=5)
-    target = next(c for c in probe.data.call_ids if probe.data.stages_for(c))
+    target = _first_call_with_stages(n_calls=30, seed=5)
     box = start_sandbox(n_calls=30, seed=5, hostile_calls={target: kind})
-    res, out = _run(cli, tmp_path, box, fmt, box.data.call_ids)
-    statuses = _statuses(fmt, out)
+    settings = SLOW_BODY_FAST if kind == "slow_body" else FAST
+    res, out = _run(cli, tmp_path, box, fmt, box.data.call_ids, settings=settings)
+    with Output(fmt, out) as output:
+        _check_one_hostile_call(output, tmp_path, box, res, kind, target)
+
+
+def _check_one_hostile_call(output: Output, tmp_path: Path, box, res, kind: str, target: str) -> None:
+    statuses = _statuses(output)
     status, error = statuses[target]
     expected = OUTCOME[kind]
     assert res.code == (1 if status == "failed" else 0), res.stderr
@@ -100,14 +121,13 @@ def test_each_hostile_kind_fails_or_loads_alone(tmp_path, start_sandbox, cli, ki
         assert res.stderr.count("\n") < 10, res.stderr  # warnings, not tracebacks
     others = [c for c in box.data.call_ids if c != target]
     assert all(statuses[c][0] in ("loaded", "not_found") for c in others), [statuses[c] for c in others]
-    _assert_others_exact(fmt, out, box, others)
-    _assert_nothing_leaks(fmt, out, tmp_path, res)
+    _assert_others_exact(output, box, others)
+    _assert_nothing_leaks(output, tmp_path, res)
 
 
 @pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
 def test_a_reused_stage_id_fails_the_later_call_in_a_later_run_and_the_owner_keeps_it(tmp_path, start_sandbox, cli, fmt):
-    probe = start_sandbox(n_calls=30, seed=5)
-    target = next(c for c in probe.data.call_ids if probe.data.stages_for(c))
+    target = _first_call_with_stages(n_calls=30, seed=5)
     box = start_sandbox(n_calls=30, seed=5, hostile_calls={target: "reused_stage_id"})
     donor_stage = box.served_stage_ids(target)[0]
     owner = next(c for c in box.data.call_ids if c != target and donor_stage in box.data.stage_ids_for(c))
@@ -116,11 +136,13 @@ def test_a_reused_stage_id_fails_the_later_call_in_a_later_run_and_the_owner_kee
     for _ in range(2):  # the same outcome run after run
         again, out = _run(cli, tmp_path, box, fmt, [target])
         assert again.code == 1, again.stderr
-        status, error = _statuses(fmt, out)[target]
+        with Output(fmt, out) as output:
+            status, error = _statuses(output)[target]
         assert status == "failed" and owner in error and donor_stage in error
-    assert _rows(fmt, out, "SELECT call_id::VARCHAR FROM call_stages WHERE call_stage_id::VARCHAR = ?",
-                 [donor_stage]) == [(owner,)]
-    assert all(_rows(fmt, out, sql) == [(0,)] for sql in KEYS_UNIQUE)
+    with Output(fmt, out) as output:
+        assert output.rows("SELECT call_id::VARCHAR FROM call_stages WHERE call_stage_id::VARCHAR = ?",
+                           [donor_stage]) == [(owner,)]
+        assert all(output.rows(sql) == [(0,)] for sql in KEYS_UNIQUE)
 
 
 @pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
@@ -133,9 +155,10 @@ def test_listed_calls_with_planted_credentials_are_stored_redacted(tmp_path, sta
     res = cli("run", "--since", "2025-01-01", "--base-url", box.base_url, "--format", fmt, "--output", str(out),
               "--config", str(cfg), "--raw-dir", str(tmp_path / "raw"), "--log-format", "json")
     assert res.code in (0, 1), res.stderr
-    listed = _rows(fmt, out, "SELECT count(*) FROM calls WHERE raw::VARCHAR LIKE '%<redacted>%'")[0][0]
-    assert listed >= len(box.hostile_calls())
-    _assert_nothing_leaks(fmt, out, tmp_path, res)
+    with Output(fmt, out) as output:
+        listed = output.rows("SELECT count(*) FROM calls WHERE raw::VARCHAR LIKE '%<redacted>%'")[0][0]
+        assert listed >= len(box.hostile_calls())
+        _assert_nothing_leaks(output, tmp_path, res)
 
 
 def test_an_endless_calls_file_is_refused_in_one_line(tmp_path, cli):

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from pipeline import raw as raw_module
 from pipeline.raw import BadLine, RawWriter, heal_partial_files, read_landing_zone
 from pipeline.records import CallFetch
@@ -141,7 +141,7 @@ def test_replay_of_a_healed_folder_exits_0(tmp_path, killed_partial) -> None:
     raw_dir.mkdir()
     (raw_dir / ".killed-run.jsonl.gz.partial").write_bytes(data[: sizes[3] + 300])
     RawWriter(raw_dir, "next-run").close()
-    res = run_cli("replay", str(raw_dir), "--output", str(tmp_path / "out.duckdb"), key=None)
+    res = invoke_cli("replay", str(raw_dir), "--output", str(tmp_path / "out.duckdb"), key=None)
     assert res.code == 0, res.stderr
 
 

@@ -254,7 +254,7 @@ def test_slow_body_trickles_one_byte_at_a_time() -> None:
         # The server notices the hang-up and ends the answer without waiting for the next byte.
         assert _eventually(lambda: box.stats.in_flight == 0)
     # With fast pacing the full page arrives, and it is the normal page.
-    fast = SandboxOptions(api_key=KEY, hostile_calls={cid: "slow_body"}, slow_body_interval=0.0005)
+    fast = SandboxOptions(api_key=KEY, hostile_calls={cid: "slow_body"}, slow_body_interval=0.0001)
     with Sandbox(data, fast) as box:
         page = httpx.get(_stages_url(box, cid), headers={"X-API-Key": KEY}, timeout=60).json()
     assert page["results"] == data.stages_for(cid)[:10]
@@ -397,32 +397,32 @@ def _cursor(offset: int) -> str:
 # --------------------------------------------------------------------------- choice and determinism
 
 
-def _first_pages(box: Sandbox, client: httpx.Client) -> dict[str, tuple[int, str | None, bytes]]:
+def _first_pages(app: SandboxApp) -> dict[str, tuple[int, str | None, bytes]]:
+    """Every call's first stages page as sent, asked of the app itself (no socket needed to compare answers)."""
     pages = {}
-    for cid in box.data.call_ids:
-        if box.hostile_kind(cid) in ("slow_body", "huge_pages"):
-            continue
-        response, body = _raw(client, _stages_url(box, cid))
-        pages[cid] = (response.status_code, response.headers.get("content-encoding"), body)
+    with httpx.Client(transport=httpx.MockTransport(app.handler), headers={"X-API-Key": KEY}) as client:
+        for cid in app.data.call_ids:
+            if app.hostile_kind(cid) in ("slow_body", "huge_pages"):
+                continue
+            response, body = _raw(client, f"http://sandbox.test/api/calls/{cid}/stages")
+            pages[cid] = (response.status_code, response.headers.get("content-encoding"), body)
     return pages
 
 
-def test_share_is_deterministic_and_leaves_other_calls_untouched(client: httpx.Client) -> None:
+def test_share_is_deterministic_and_leaves_other_calls_untouched() -> None:
     every = tuple(sorted(HOSTILE_KINDS))
     options = dict(api_key=KEY, hostile=every, hostile_share=0.2, next_base_url="http://127.0.0.1:9")
-    with Sandbox(_data(300), SandboxOptions(**options)) as a, Sandbox(_data(300), SandboxOptions(**options)) as b:
-        picked = a.hostile_calls()
-        assert picked == b.hostile_calls()
-        assert 30 <= len(picked) <= 90 and set(picked.values()) == HOSTILE_KINDS
-        assert _first_pages(a, client) == _first_pages(b, client)
-    with Sandbox(_data(300), SandboxOptions(api_key=KEY, next_base_url="http://127.0.0.1:9")) as plain:
-        normal = _first_pages(plain, client)
-    with Sandbox(_data(300), SandboxOptions(**options)) as hostile:
-        served = _first_pages(hostile, client)
+    a, b = SandboxApp(_data(300), SandboxOptions(**options)), SandboxApp(_data(300), SandboxOptions(**options))
+    picked = a.hostile_calls()
+    assert picked == b.hostile_calls()
+    assert 30 <= len(picked) <= 90 and set(picked.values()) == HOSTILE_KINDS
+    assert _first_pages(a) == _first_pages(b)
+    normal = _first_pages(SandboxApp(_data(300), SandboxOptions(api_key=KEY, next_base_url="http://127.0.0.1:9")))
+    served = _first_pages(SandboxApp(_data(300), SandboxOptions(**options)))
     untouched = [cid for cid in normal if cid not in picked]
     assert len(untouched) >= 200 and all(served[cid] == normal[cid] for cid in untouched)
     assert all(served[cid] != normal[cid] for cid in picked if cid in served)
-    other_seed = Sandbox(_data(300), SandboxOptions(**options, fault_seed=1)).hostile_calls()
+    other_seed = SandboxApp(_data(300), SandboxOptions(**options, fault_seed=1)).hostile_calls()
     assert other_seed != picked
 
 

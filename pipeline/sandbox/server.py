@@ -25,6 +25,9 @@ from pipeline.sandbox.app import HOSTILE_KINDS, Reply, SandboxApp, SandboxOption
 from pipeline.sandbox.data import SyntheticData
 
 
+#: How often the in-process server looks for a stop: ``stop()`` waits up to this long.
+STOP_POLL_SECONDS = 0.01
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
@@ -158,7 +161,7 @@ class Sandbox:
     def start(self) -> Sandbox:
         if self._server is None:
             self._server = _Server(self._address, self.app)
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": STOP_POLL_SECONDS},
                                             name="uvx-sandbox", daemon=True)
             self._thread.start()
         return self
