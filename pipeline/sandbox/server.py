@@ -28,6 +28,7 @@ from pipeline.sandbox.data import SyntheticData
 #: How often the in-process server looks for a stop: ``stop()`` waits up to this long.
 STOP_POLL_SECONDS = 0.01
 
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
