@@ -165,3 +165,41 @@ def test_an_endless_calls_file_is_refused_in_one_line(tmp_path, cli):
     res = cli("run", "--calls-file", "/dev/zero", "--output", str(tmp_path / "w.duckdb"))
     assert res.code == 2 and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "w.duckdb").exists()
+
+
+def _data_rows(output: Output) -> dict[str, list[tuple]]:
+    return {name: output.rows(f"SELECT * EXCLUDE (run_id, extracted_at) FROM {name} ORDER BY ALL" if name == "call_stages"
+                              else f"SELECT * FROM {name} ORDER BY ALL")
+            for name in ("call_stages", "stage_inactivity_messages", "stage_voices")}
+
+
+def test_every_hostile_kind_in_one_run_into_delta_then_replayed_into_every_format(tmp_path, start_sandbox, cli):
+    data = SyntheticData(n_calls=40, seed=6)
+    targets = [c for c in data.call_ids if data.stages_for(c)][:len(OUTCOME)]
+    kinds = dict(zip(targets, sorted(OUTCOME), strict=True))
+    box = start_sandbox(n_calls=40, seed=6, hostile_calls=kinds)
+    res, out = _run(cli, tmp_path, box, "delta", box.data.call_ids, settings=SLOW_BODY_FAST)
+    assert res.code == 1, res.stderr
+    with Output("delta", out) as output:
+        statuses = _statuses(output)
+        for call_id, kind in kinds.items():
+            if OUTCOME[kind] is not None:
+                assert statuses[call_id][0] == OUTCOME[kind], (kind, statuses[call_id])
+        others = [c for c in box.data.call_ids if c not in kinds]
+        _assert_others_exact(output, box, others)
+        _assert_nothing_leaks(output, tmp_path, res)
+        exported = _data_rows(output)
+        loaded = {c for c, (status, _) in statuses.items() if status == "loaded"}
+    # The landing zone holds every answer, hostile ones included: replay rebuilds the same tables.
+    for fmt in ("duckdb", "parquet", "delta"):
+        rebuilt = tmp_path / f"replayed-{fmt}" / _output(tmp_path, fmt).name
+        again = cli("replay", str(tmp_path / "raw"), "--format", fmt, "--output", str(rebuilt),
+                    "--config", str(tmp_path / "fast.toml"), "--log-format", "json")
+        with Output(fmt, rebuilt) as output:
+            replayed = _statuses(output)
+            # A call landed but not loadable (a malformed voice) fails again; nothing else does.
+            assert again.code == (1 if any(s == "failed" for s, _ in replayed.values()) else 0), again.stderr
+            assert {c for c, (s, _) in replayed.items() if s == "loaded"} == loaded, fmt
+            assert _data_rows(output) == exported, fmt
+            assert all(output.rows(sql) == [(0,)] for sql in KEYS_UNIQUE)
+            _assert_nothing_leaks(output, tmp_path, again)
