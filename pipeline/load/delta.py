@@ -613,13 +613,10 @@ class DeltaWarehouse(Warehouse):
             self._con = duckdb.connect()
             self._after_open()
         except BaseException:
-            self._release_resources()
+            self.close()
             raise
 
     def close(self) -> None:
-        self._release_resources()
-
-    def _release_resources(self) -> None:
         if self._con is not None:
             self._con.close()
             self._con = None

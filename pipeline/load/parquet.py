@@ -832,13 +832,10 @@ class ParquetWarehouse(Warehouse):
             self._con = duckdb.connect(config={"memory_limit": "64MB"})
             self._after_open()
         except BaseException:
-            self._release_resources()
+            self.close()
             raise
 
     def close(self) -> None:
-        self._release_resources()
-
-    def _release_resources(self) -> None:
         for pool in (self._pool, self._io_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
