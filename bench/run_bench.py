@@ -355,7 +355,28 @@ def replay_rows(small: bool, tmp: Path) -> list[dict[str, object]]:
     rows.extend(floors(landing, tmp, sizes[-1]))
     for fmt, (low, high) in peaks.items():
         rows.append(_growth(f"replay → {fmt} (both processes)", sizes, low, high))
+    rows.append(big_prompt_replay(60 if small else 1_500, tmp))
     return rows
+
+
+def big_prompt_replay(calls: int, tmp: Path) -> dict[str, object]:
+    """Replay of a landing zone where a quarter of the stages carry 100 KB prompts and 1%
+    of the calls 1 MB ones: the batches are bounded by bytes, in both processes."""
+    data = SyntheticData(n_calls=calls, seed=9, big_prompts=True)
+    landing = tmp / f"landing-big-{calls}"
+    land_calls(landing, ((c, data.stages_for(c)) for c in data.call_ids), "bench-big")
+    expected = sum(len(data.stages_for(c)) for c in data.call_ids)
+    stages, seconds, rss, reader_rss = replay_throughput(f"big-{calls}", "duckdb", landing, tmp)
+    return {
+        "what": f"replay {calls:,} calls ({stages:,} stages, 1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS",
+        "figure": f"{rss} + reader {reader_rss} MB ({seconds:.2f}s)",
+        "target": "≤ 400 MB each",
+        "ok": max(rss, reader_rss) <= 400,
+        "stages": stages,
+        "expected_stages": expected,
+        "rss_mb": rss,
+        "reader_rss_mb": reader_rss,
+    }
 
 
 def export_rows(small: bool, tmp: Path) -> list[dict[str, object]]:

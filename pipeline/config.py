@@ -65,7 +65,7 @@ class Settings:
     batch_bytes: int = 4 * 1024 * 1024
     #: `replay`: the same two bounds; no latency to hide, and DuckDB writes big batches straight to the file.
     replay_batch_stages: int = 8000
-    replay_batch_bytes: int = 24 * 1024 * 1024
+    replay_batch_bytes: int = 12 * 1024 * 1024
     #: `replay`: processes reading and transforming the landing zone, each a share of the calls.
     replay_readers: int = 1
     #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).

@@ -19,7 +19,7 @@ LABELS = {
     "extraction": ("extract 40 calls", "end to end"),
     "replay": ("replay 500 stages → duckdb", "replay 2,000 stages → parquet", "floor: gunzip + decoding the lines only",
                "floor: reading + transforming", "floor: DuckDB warehouse", "floor: pyarrow writing",
-               "memory growth, replay → duckdb"),
+               "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS"),
     "exports": ("export 300 calls", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
                 "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"),
 }

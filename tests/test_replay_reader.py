@@ -309,3 +309,19 @@ def test_a_replay_refused_for_a_locked_output_leaves_no_reader_behind(tmp_path: 
         result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--no-progress"])
         assert result.exit_code == 2 and "another run is writing to this output" in result.stderr
         assert _readers_of(raw) == []
+
+
+def test_big_prompts_in_whole_batches_and_a_60_mb_prompt_replay_exactly(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    data = SyntheticData(n_calls=30, seed=9, big_prompts=True, huge_prompt_calls=1)
+    write_landing_zone(raw, ((c, data.stages_for(c)) for c in data.call_ids))
+    db = tmp_path / "w.duckdb"
+    result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    expected = sum(len(data.stages_for(c)) for c in data.call_ids)
+    (stages, unique, longest), = _stored(db, "SELECT count(*), count(DISTINCT call_stage_id), max(length(system_prompt)) "
+                                             "FROM call_stages")
+    assert stages == unique == expected and longest >= 60_000_000
+    huge, = data.huge_prompt_call_ids()
+    assert _stored(db, f"SELECT status FROM etl_calls WHERE call_id = '{huge}'") == [("loaded",)]
+    assert _readers_of(raw) == []
