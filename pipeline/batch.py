@@ -3,10 +3,12 @@ into the tables and outcomes one warehouse commit takes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.records import CallFetch, CallOutcome, utcnow
 from pipeline.transform import transform_calls
@@ -59,6 +61,9 @@ class PreparedBatch:
     outcomes: list[CallOutcome]
     #: (event, message, fields) for the reporter.
     warnings: list[tuple[str, str, dict[str, Any]]]
+    #: The batch's weight as :class:`PendingCalls` counts it: stages (plus one per call) and page bytes.
+    stages: int = 0
+    nbytes: int = 0
 
 
 def prepare_batch(fetches: list[CallFetch], run_id: str) -> PreparedBatch:
@@ -67,7 +72,57 @@ def prepare_batch(fetches: list[CallFetch], run_id: str) -> PreparedBatch:
     result = transform_calls(loaded, run_id, utcnow())
     warnings: list[tuple[str, str, dict[str, Any]]] = []
     outcomes = [_outcome(f, result.failures, result.stage_counts, warnings) for f in fetches]
-    return PreparedBatch(result.tables, outcomes, warnings)
+    return PreparedBatch(result.tables, outcomes, warnings, sum(map(_stage_weight, fetches)), sum(f.nbytes for f in fetches))
+
+
+def merge_batches(batches: Sequence[PreparedBatch]) -> PreparedBatch:
+    """Batches prepared apart, as one commit: a later fetch of a call replaces its earlier
+    one, and a stage id an earlier call of the commit holds fails the later call alone."""
+    if len(batches) == 1:
+        return batches[0]
+    last = {_normal(o.call_id): index for index, batch in enumerate(batches) for o in batch.outcomes}
+    owners: dict[str, str] = {}
+    losers: dict[str, str] = {}
+    dropped: list[list[str]] = []
+    for index, batch in enumerate(batches):
+        superseded = [_normal(o.call_id) for o in batch.outcomes if last[_normal(o.call_id)] != index]
+        stages = batch.tables.get("call_stages")
+        ids = stages.select(["call_stage_id", "call_id"]).to_pydict() if stages is not None else {"call_id": []}
+        claims: dict[str, list[str]] = {}
+        for stage_id, call_id in zip(ids.get("call_stage_id", []), ids["call_id"], strict=True):
+            claims.setdefault(call_id, []).append(stage_id.lower())
+        for call_id, stage_ids in claims.items():
+            if last[call_id] != index:
+                continue
+            taken = next((s for s in stage_ids if owners.get(s, call_id) != call_id), None)
+            if taken is not None:
+                losers[call_id] = f"stage {taken} also belongs to call {owners[taken]}"
+            else:
+                owners.update(dict.fromkeys(stage_ids, call_id))
+        dropped.append(superseded + [c for c in claims if c in losers])
+    return PreparedBatch(
+        {name: pa.concat_tables([_without(b.tables[name], drop) for b, drop in zip(batches, dropped, strict=True)])
+         for name in batches[0].tables},
+        [_failed(o, losers) for index, b in enumerate(batches) for o in b.outcomes if last[_normal(o.call_id)] == index],
+        [w for b in batches for w in b.warnings],
+        sum(b.stages for b in batches),
+        sum(b.nbytes for b in batches),
+    )
+
+
+def _normal(call_id: str) -> str:
+    return call_id.strip().lower()
+
+
+def _without(table: pa.Table, call_ids: list[str]) -> pa.Table:
+    if not call_ids:
+        return table
+    return table.filter(pc.invert(pc.is_in(table["call_id"], value_set=pa.array(call_ids, pa.string()))))
+
+
+def _failed(outcome: CallOutcome, losers: dict[str, str]) -> CallOutcome:
+    reason = losers.get(_normal(outcome.call_id))
+    return outcome if reason is None else CallOutcome(outcome.call_id, "failed", None, reason, outcome.attempted_at)
 
 
 def _outcome(

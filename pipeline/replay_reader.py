@@ -15,6 +15,8 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -79,7 +81,7 @@ def _send(conn: Connection, message: ReplayMessage) -> None:
     (each table is let go once sent, so only one is held twice)."""
     batch = message.batch
     tables = {} if batch is None else batch.tables
-    rest = (batch.outcomes, batch.warnings) if batch is not None else message.peak_rss_kb
+    rest = (batch.outcomes, batch.warnings, batch.stages, batch.nbytes) if batch is not None else message.peak_rss_kb
     head = (message.bad_lines, rest, list(tables))
     conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
     for name in list(tables):
@@ -218,8 +220,7 @@ class ReplayReader:
         tables = {name: pa.ipc.open_stream(pa.py_buffer(self._conn.recv_bytes())).read_all() for name in names}
         if not isinstance(rest, tuple):
             return ReplayMessage(bad_lines, None, rest)  # type: ignore[arg-type]
-        outcomes, warnings = rest
-        return ReplayMessage(bad_lines, PreparedBatch(tables, outcomes, warnings))
+        return ReplayMessage(bad_lines, PreparedBatch(tables, *rest))
 
     def close(self) -> None:
         self._conn.close()
@@ -249,17 +250,56 @@ def messages(readers: Sequence[ReplayReader], stopping: Callable[[], bool]) -> I
             yield index, message
 
 
-def merge(batches: Sequence[PreparedBatch]) -> PreparedBatch:
-    """Batches of different readers as one (their calls are disjoint)."""
-    if len(batches) == 1:
-        return batches[0]
-    names = list(batches[0].tables)
-    return PreparedBatch(
-        {name: pa.concat_tables([b.tables[name] for b in batches]) for name in names},
-        [o for b in batches for o in b.outcomes],
-        [w for b in batches for w in b.warnings],
-    )
+_END = object()
 
+
+def received(readers: Sequence[ReplayReader], stopping: Callable[[], bool], ahead_bytes: int) -> Iterator[ReplayMessage]:
+    """The readers' messages, received by a thread while the caller commits (so a reader
+    never waits for a commit to end) until their batches' page bytes waiting reach
+    ``ahead_bytes``; until each reader has sent its last one, or ``stopping()`` is true."""
+    waiting: deque[tuple[object, int]] = deque()
+    changed = threading.Condition()
+    done = threading.Event()
+
+    def put(item: object, nbytes: int = 0) -> None:
+        with changed:
+            waiting.append((item, nbytes))
+            changed.notify_all()
+            while not done.is_set() and sum(n for _, n in waiting) >= ahead_bytes:
+                changed.wait(POLL_SECONDS)
+
+    def receive() -> None:
+        try:
+            for _, message in messages(readers, done.is_set):
+                put(message, message.batch.nbytes if message.batch is not None else 0)
+        except BaseException as exc:  # handed to the caller, which raises it
+            put(exc)
+        else:
+            put(_END)
+
+    thread = threading.Thread(target=receive, name="replay-receiver", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with changed:
+                if not waiting:
+                    changed.wait(POLL_SECONDS)
+                if not waiting:
+                    if stopping():
+                        return
+                    continue
+                item, _ = waiting.popleft()
+                changed.notify_all()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        done.set()
+        with changed:
+            changed.notify_all()
+        thread.join()
 
 if __name__ == "__main__":
     _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],

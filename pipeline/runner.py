@@ -28,16 +28,20 @@ from pipeline.config import Settings
 from pipeline.discover import Discovered, Discovery, discover, parse_watermark
 from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
 from pipeline.extract import ExtractStats, extract_calls
-from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
+from pipeline.batch import PendingCalls, PreparedBatch, merge_batches, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import release_free_memory, use_system_allocator
 from pipeline.raw import BadLine, RawWriter, Share, heal_partial_files
-from pipeline.replay_reader import ReplayReader, merge, messages
+from pipeline.replay_reader import ReplayReader, received
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
 
 #: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
 FLUSH_EVERY_SECONDS = 5.0
+#: A replay reader sends batches in parts of at most this many stages and page bytes
+#: (its memory holds one part; the committing process gathers parts into a batch).
+READER_PART_STAGES = 2000
+READER_PART_BYTES = 3 << 20
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
@@ -525,9 +529,10 @@ def run_replay(
     with StopSignals() as guard, contextlib.ExitStack() as readers:
         # The readers start (and import) while the warehouse opens; they read once told to.
         count = settings.replay_readers
+        part_stages = min(READER_PART_STAGES, settings.replay_batch_stages)
+        part_bytes = min(READER_PART_BYTES, settings.replay_batch_bytes)
         started_readers = [
-            readers.enter_context(ReplayReader(raw_dir, -(-settings.replay_batch_stages // count),
-                                               -(-settings.replay_batch_bytes // count), run.run_id, Share(index, count)))
+            readers.enter_context(ReplayReader(raw_dir, part_stages, part_bytes, run.run_id, Share(index, count)))
             for index in range(count)
         ]
         warehouse = _open(settings, wait_for_lock, wait_seconds)
@@ -541,8 +546,8 @@ def run_replay(
                 guard.deferring = True  # stop between batches, never inside a commit
                 for reader in started_readers:
                     reader.go()
-                # Each reader builds its share of a commit: one batch from each is committed together.
-                _replay_into(started_readers, BatchLoader(warehouse, run, reporter), result, guard)
+                _replay_into(started_readers, BatchLoader(warehouse, run, reporter), result, guard,
+                             settings.replay_batch_stages, settings.replay_batch_bytes)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()
@@ -568,32 +573,34 @@ def _heal_landing_zone(raw_dir: Path, reporter: Reporter) -> None:
         reporter.warning("raw_zone", message)
 
 
-def _replay_into(readers: list[ReplayReader], loader: BatchLoader, result: RunResult, guard: StopSignals) -> None:
-    """Commit a batch from each reader at a time (each reader holds a share of a commit)
-    until each has sent its last message, or a stop signal."""
-    gathered: dict[int, PreparedBatch] = {}
-    finished: set[int] = set()
+def _replay_into(
+    readers: list[ReplayReader], loader: BatchLoader, result: RunResult, guard: StopSignals, batch_stages: int, batch_bytes: int
+) -> None:
+    """Commit the readers' parts of batches, gathered up to the batch budget, until each
+    reader has sent its last message, or a stop signal."""
+    gathered: list[PreparedBatch] = []
 
     def commit_gathered() -> None:
         if gathered:
-            loader.commit(merge([gathered[index] for index in sorted(gathered)]))
+            loader.commit(merge_batches(gathered))
             gathered.clear()
             loader.done = loader.run.calls_requested = len(loader.run.tally)
             loader.reporter.progress(_snapshot(loader, None, None))
 
-    for index, message in messages(readers, lambda: guard.signum is not None):
+    # While a batch commits, about one more is received.
+    for message in received(readers, lambda: guard.signum is not None, batch_bytes):
         for bad in message.bad_lines:
             result.bad_lines.append(bad)
             loader.reporter.warning("bad_line", f"{bad.where}: {bad.reason}", where=bad.where, reason=bad.reason)
-        if message.batch is None:
-            finished.add(index)
+        part = message.batch
+        if part is None:
             result.reader_peak_rss_kb = (result.reader_peak_rss_kb or 0) + (message.peak_rss_kb or 0)
         else:
-            if index in gathered:  # this reader is a batch ahead of another
+            if gathered and sum(p.nbytes for p in gathered) + part.nbytes > batch_bytes:
                 commit_gathered()
-            gathered[index] = message.batch
-        if len(gathered) + len(finished) >= len(readers):
-            commit_gathered()
+            gathered.append(part)
+            if sum(p.stages for p in gathered) >= batch_stages or sum(p.nbytes for p in gathered) >= batch_bytes:
+                commit_gathered()
         if guard.signum is not None:
             break
     commit_gathered()  # what was read is committed, also when a signal stopped the reading

@@ -66,13 +66,13 @@ class Table:
         )
 
     def create_sql(self) -> str:
-        cols = ",\n  ".join(
-            f"{c.name} {c.sql_type}{'' if c.nullable else ' NOT NULL'}" for c in self.columns
-        )
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols},\n"
-            f"  PRIMARY KEY ({', '.join(self.primary_key)})\n)"
-        )
+        """DDL. The per-call tables declare no PRIMARY KEY: the loader keeps them unique
+        (a call replaced as a unit, a stage id held by one call), and DuckDB's index of
+        one would hold every stored key in memory, growing with the warehouse."""
+        cols = [f"{c.name} {c.sql_type}{'' if c.nullable else ' NOT NULL'}" for c in self.columns]
+        if not self.per_call:
+            cols.append(f"PRIMARY KEY ({', '.join(self.primary_key)})")
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  " + ",\n  ".join(cols) + "\n)"
 
 
 def _cols(spec: str) -> tuple[Column, ...]:

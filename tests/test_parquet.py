@@ -20,6 +20,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.errors import OutputError
+from pipeline.load import open_warehouse, query_connection
 from pipeline.load.duckdb import DuckDBWarehouse
 from pipeline.load.parquet import INDEX, MARKER, MAX_FILES_PER_PARTITION, NULL_PARTITION, ParquetWarehouse, connect_views
 from pipeline.records import CallOutcome, RunRecord
@@ -480,15 +481,31 @@ def test_sizes_in_the_index_follow_the_files_across_sessions(out: Path) -> None:
         assert {rel: size for parts in held.values() for files in parts.values() for rel, size in files.items()} == on_disk
 
 
-def test_text_is_zstd_without_statistics_and_short_columns_use_a_dictionary(out: Path) -> None:
+def _column_chunks(path: Path) -> dict[str, pq.ColumnChunkMetaData]:
+    meta = pq.ParquetFile(path).metadata
+    return {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+
+
+def test_fresh_files_are_snappy_and_rewritten_files_zstd_text_without_dictionary_or_statistics(out: Path) -> None:
     with ParquetWarehouse(out) as wh:
         commit_spec(wh, [(c, "loaded", 0) for c in range(12)], prompt_bytes=2000)
-    meta = pq.ParquetFile(parquet_files(out, "call_stages")[0]).metadata
-    chunks = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
-    for name in ("raw", "system_prompt", "call_stage_id"):
-        assert chunks[name].compression == "ZSTD" and "RLE_DICTIONARY" not in chunks[name].encodings, name
-    assert not chunks["raw"].is_stats_set and chunks["created"].is_stats_set and chunks["call_id"].is_stats_set
-    assert "RLE_DICTIONARY" in chunks["model"].encodings
+        fresh = set(parquet_files(out, "call_stages"))
+        for path in fresh:
+            assert {chunk.compression for chunk in _column_chunks(path).values()} == {"SNAPPY"}, path
+        commit_spec(wh, [(0, "loaded", 1)], prompt_bytes=2000)  # its small file is merged into the new one
+        now = set(parquet_files(out, "call_stages"))
+    merged_into = {path.parent for path in fresh - now}  # folders whose old file joined a new one
+    rewritten = [path for path in now - fresh if path.parent in merged_into]
+    assert rewritten
+    for path in now - fresh:
+        if path.parent not in merged_into:
+            assert _column_chunks(path)["raw"].compression == "SNAPPY"
+    for path in rewritten:
+        chunks = _column_chunks(path)
+        for name in ("raw", "system_prompt", "call_stage_id"):
+            assert chunks[name].compression == "ZSTD" and "RLE_DICTIONARY" not in chunks[name].encodings, name
+        assert chunks["model"].compression == "SNAPPY" and "RLE_DICTIONARY" in chunks["model"].encodings
+        assert not chunks["raw"].is_stats_set and chunks["created"].is_stats_set and chunks["call_id"].is_stats_set
 
 
 def test_batches_commit_everything_in_order(out: Path) -> None:
@@ -529,13 +546,31 @@ def test_duckdb_batches_commit_everything_in_order(tmp_path: Path) -> None:
     assert con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchall() == [(expected, expected)]
 
 
+@pytest.mark.parametrize("table", ["call_stages", "stage_inactivity_messages", "stage_voices"])
+@pytest.mark.parametrize("fmt", ["duckdb", "parquet", "delta"])
+def test_a_batch_repeating_a_key_is_refused_and_nothing_is_written(tmp_path: Path, fmt: str, table: str) -> None:
+    out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w")
+    with open_warehouse(fmt, out) as wh:
+        tables = fabricate([(1, 0), (2, 0)])
+        assert tables[table].num_rows
+        doubled = {**tables, table: pa.concat_tables([tables[table], tables[table].slice(0, 1)])}
+        with pytest.raises(ValueError, match=f"{table}: the batch repeats a primary key"):
+            wh.commit_calls(doubled, outcomes_for([(1, "loaded", 0), (2, "loaded", 0)]), "run-1")
+        commit_spec(wh, [(3, "loaded", 0)])  # the warehouse goes on
+    con = query_connection(fmt, out)
+    assert con.execute("SELECT DISTINCT call_id::VARCHAR FROM call_stages").fetchall() == [(call_uuid(3),)]
+    assert con.execute("SELECT count(*) FROM etl_calls").fetchall() == [(1,)]
+
+
 def test_duckdb_a_failed_commit_raises_and_is_rolled_back(tmp_path: Path) -> None:
     db = tmp_path / "wb.duckdb"
     with DuckDBWarehouse(db) as wh:
         tables = fabricate([(1, 0)])
-        doubled = {**tables, "call_stages": pa.concat_tables([tables["call_stages"]] * 2)}  # a duplicate key
-        with pytest.raises(duckdb.ConstraintException):
-            wh.commit_calls(doubled, outcomes_for([(1, "loaded", 0)]), "run-1")
+        stages = tables["call_stages"]
+        raw = stages.schema.get_field_index("raw")
+        broken = stages.set_column(raw, pa.field("raw", pa.string()), pa.nulls(stages.num_rows, pa.string()))
+        with pytest.raises(duckdb.ConstraintException):  # raw is NOT NULL: the insert fails inside the transaction
+            wh.commit_calls({**tables, "call_stages": broken}, outcomes_for([(1, "loaded", 0)]), "run-1")
         wh.save_run(RunRecord("run-1", BASE, "0.1.0", {}))  # the warehouse goes on
         commit_spec(wh, [(2, "loaded", 0)])
     con = duckdb.connect(str(db), read_only=True)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 import pipeline.replay_reader as replay_reader
 from pipeline.cli import cli
+from pipeline.load import query_connection
 from pipeline.replay_reader import ReaderError, ReplayReader, messages
 from pipeline.sandbox import SyntheticData, write_landing_zone
 
@@ -325,3 +326,66 @@ def test_big_prompts_in_whole_batches_and_a_60_mb_prompt_replay_exactly(tmp_path
     huge, = data.huge_prompt_call_ids()
     assert _stored(db, f"SELECT status FROM etl_calls WHERE call_id = '{huge}'") == [("loaded",)]
     assert _readers_of(raw) == []
+
+
+def _calls_in_shares(data: SyntheticData, count: int) -> list[str]:
+    """One call id of ``data`` for each of ``count`` reader shares."""
+    from pipeline.raw import Share
+
+    return [next(c for c in data.call_ids if Share(index, count).takes(c)) for index in range(count)]
+
+
+@pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
+@pytest.mark.parametrize("readers", [1, 2])
+def test_a_stage_id_under_two_calls_of_one_commit_fails_the_later_call_alone(tmp_path: Path, fmt: str, readers: int) -> None:
+    data = SyntheticData(n_calls=40, seed=9)
+    first, second = _calls_in_shares(data, 2)
+    stolen = data.stages_for(second)[0] | {"callStageId": data.stages_for(first)[0]["callStageId"]}
+    calls = [(c, data.stages_for(c)) for c in data.call_ids if c != second] + [(second, [stolen, *data.stages_for(second)[1:]])]
+    raw = tmp_path / "raw"
+    write_landing_zone(raw, calls)
+    out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w")
+    config = tmp_path / "c.toml"
+    config.write_text(f"replay_readers = {readers}\n")
+    result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(out), "--format", fmt, "--config", str(config), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    with query_connection(fmt, out) as con:
+        failed = con.execute("SELECT call_id::VARCHAR, error FROM etl_calls WHERE status = 'failed'").fetchall()
+        # One reader commits in file order; two hand in their parts in the order they finish them.
+        loser, keeper = (second, first) if readers == 1 or failed[0][0] == second else (first, second)
+        assert [call for call, _ in failed] == [loser]
+        assert stolen["callStageId"] in failed[0][1] and keeper in failed[0][1]
+        assert con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchone() == (
+            sum(len(s) for c, s in calls if c != loser),) * 2
+        assert con.execute("SELECT count(*) FROM call_stages WHERE call_id = ?", [loser]).fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM etl_calls WHERE status = 'loaded'").fetchone() == (len(calls) - 1,)
+
+
+def _prepared(calls: list[tuple[str, list[dict]]]):
+    from pipeline.batch import prepare_batch
+    from pipeline.records import CallFetch
+
+    return prepare_batch([CallFetch(c, "loaded", pages=[{"next": None, "results": s, "total": len(s)}]) for c, s in calls], "run")
+
+
+def test_merged_batches_keep_a_stage_id_under_one_call_and_the_later_fetch_of_a_call() -> None:
+    from pipeline.batch import merge_batches as merge
+
+    data = SyntheticData(n_calls=6, seed=3)
+    a, b, c, d = data.call_ids[:4]
+    stolen = data.stages_for(c)[0] | {"callStageId": data.stages_for(a)[0]["callStageId"]}
+    refetched = data.stages_for(b)[:1]
+    merged = merge([
+        _prepared([(a, data.stages_for(a)), (b, data.stages_for(b))]),
+        _prepared([(c, [stolen, *data.stages_for(c)[1:]]), (b, refetched), (d, data.stages_for(d))]),
+    ])
+    outcomes = {o.call_id: o for o in merged.outcomes}
+    assert len(merged.outcomes) == 4 and outcomes[c].status == "failed" and stolen["callStageId"] in outcomes[c].error
+    assert [outcomes[x].status for x in (a, b, d)] == ["loaded"] * 3 and outcomes[b].stage_count == 1
+    stages = merged.tables["call_stages"]
+    per_call = {x: stages["call_id"].to_pylist().count(x) for x in (a, b, c, d)}
+    assert per_call == {a: len(data.stages_for(a)), b: 1, c: 0, d: len(data.stages_for(d))}
+    for name, table in merged.tables.items():
+        assert c not in table["call_id"].to_pylist(), name
+    voices_of_b = [r for r in merged.tables["stage_voices"].to_pylist() if r["call_id"] == b]
+    assert {r["call_stage_id"] for r in voices_of_b} <= {refetched[0]["callStageId"]}

@@ -8,7 +8,8 @@ every implementation keeps:
   status is ``loaded`` or ``not_found``, the call's previous rows in the three data
   tables are removed and the rows in ``tables`` inserted; ``failed`` calls keep their
   previous rows. etl_calls is upserted in the same commit (attempts + 1).
-* After any sequence of runs and crashes, primary keys are unique. A stage id belongs
+* After any sequence of runs and crashes, primary keys are unique: ``commit_calls``
+  refuses a batch repeating a key of a data table (``ValueError``). A stage id belongs
   to one call: a call bringing a stage id the warehouse stores under another call
   (one not replaced in the same batch) is committed ``failed`` with "stage <id> is
   already owned by call <id>" and none of its rows; ``commit_calls`` returns the
@@ -130,6 +131,7 @@ class Warehouse(abc.ABC):
         """
         if not outcomes:
             return []
+        _check_unique_keys(tables)
         with self._writing():
             tables, outcomes = self._claim_stages(tables, outcomes)
             self._commit_batch(tables, outcomes, run_id)
@@ -214,6 +216,18 @@ class Warehouse(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_unique_keys(tables: Mapping[str, pa.Table]) -> None:
+    """The data tables declare no key in the warehouse: a batch repeating one is refused."""
+    for table in schema.DATA_TABLES:
+        rows = tables.get(table.name)
+        if rows is None or not rows.num_rows:
+            continue
+        keys = list(table.primary_key)
+        distinct = rows.select(keys).group_by(keys).aggregate([]).num_rows
+        if distinct != rows.num_rows:
+            raise ValueError(f"{table.name}: the batch repeats a primary key ({', '.join(keys)})")
 
 
 def _normal_id(call_id: str) -> str:

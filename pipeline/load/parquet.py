@@ -137,13 +137,15 @@ _FREE_TEXT_COLUMNS = frozenset(
 )
 
 
-def _write_options(columns: Sequence[str]) -> dict[str, Any]:
+def _write_options(columns: Sequence[str], fresh: bool = False) -> dict[str, Any]:
     """Per column: zstd where the bytes are; snappy for the short columns, where a zstd
-    context per column chunk costs more than it saves (most files are small)."""
+    context per column chunk costs more than it saves (most files are small). A fresh
+    file (a commit's new rows only) is snappy throughout: it is small, and compaction
+    rewrites it with zstd once its folder has enough of them."""
     plain = _UNIQUE_COLUMNS | _FREE_TEXT_COLUMNS
     return {
         "row_group_size": ROW_GROUP_ROWS,
-        "compression": {c: "zstd" if c in plain else "snappy" for c in columns},
+        "compression": {c: "zstd" if c in plain and not fresh else "snappy" for c in columns},
         "use_dictionary": [c for c in columns if c not in plain],
         "write_statistics": [c for c in columns if c not in _FREE_TEXT_COLUMNS],
     }
@@ -605,7 +607,7 @@ class FileJob:
         merged = pa.concat_tables(pieces)
         if not merged.num_rows:
             return None
-        _write_unsynced(merged, self.staged)
+        _write_unsynced(merged, self.staged, fresh=not self.sources)
         synced = io_pool.submit(_fsync_path, self.staged)
         return pc.unique(merged[key].combine_chunks()), self.staged.stat().st_size, synced
 
@@ -782,9 +784,9 @@ def _write_file(rows: pa.Table, path: Path) -> None:
     _fsync_path(path)
 
 
-def _write_unsynced(rows: pa.Table, path: Path) -> None:
+def _write_unsynced(rows: pa.Table, path: Path, fresh: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows, path, **_write_options(rows.column_names))
+    pq.write_table(rows, path, **_write_options(rows.column_names, fresh))
 
 
 # --------------------------------------------------------------------------- warehouse
@@ -962,7 +964,8 @@ def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str
     rows = {}
     for name, blank in empty.items():
         given = tables.get(name)
-        rows[name] = _conform(blank if given is None else given, schema.TABLES[name])
+        # Parts of a batch arrive as chunks: one contiguous table partitions without a pass per chunk.
+        rows[name] = _conform(blank if given is None else given.combine_chunks(), schema.TABLES[name])
     for name, table in rows.items():
         stray = pc.invert(pc.is_in(table["call_id"], value_set=replaced))
         if pc.any(stray).as_py():
