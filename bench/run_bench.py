@@ -173,20 +173,23 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pipeline.config import Settings
 from pipeline.load import open_warehouse
-from pipeline.raw import landing_files, _decode_line, _open_lines
+from pipeline.load.parquet import _write_options
+from pipeline.raw import landing_files, _decode_line, _file_lines
 from pipeline.replay_reader import read_batches
+from pipeline.runner import READER_PART_BYTES, READER_PART_STAGES
 from pipeline.schema import DATA_TABLES
 raw, tmp = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings()
 started = time.monotonic()
 for path in landing_files(raw):
-    with _open_lines(path) as lines:
-        for line in lines:
-            _decode_line(line)
+    for line in _file_lines(path):
+        _decode_line(line)
 parse = time.monotonic() - started
 started = time.monotonic()
-batches = [m.batch for m in read_batches(raw, settings.replay_batch_stages, settings.replay_batch_bytes, "floor") if m.batch]
+for message in read_batches(raw, READER_PART_STAGES, READER_PART_BYTES, "floor"):
+    pass
 transform = time.monotonic() - started
+batches = [m.batch for m in read_batches(raw, settings.replay_batch_stages, settings.replay_batch_bytes, "floor") if m.batch]
 warehouse = open_warehouse("duckdb", tmp / "floor.duckdb", memory_limit=settings.duckdb_memory_limit)
 started = time.monotonic()
 with warehouse:
@@ -196,7 +199,8 @@ duck = time.monotonic() - started
 started = time.monotonic()
 for n, batch in enumerate(batches):
     for table in DATA_TABLES:
-        pq.write_table(batch.tables[table.name], tmp / f"floor-{table.name}-{n}.parquet", compression="zstd")
+        rows = batch.tables[table.name]
+        pq.write_table(rows, tmp / f"floor-{table.name}-{n}.parquet", **_write_options(rows.column_names, fresh=True))
 parquet = time.monotonic() - started
 print(parse, transform, duck, parquet)
 """
@@ -226,15 +230,16 @@ def dlt_throughput(landing: Path, tmp: Path, label: str) -> tuple[int, float, in
 def floors(landing: Path, tmp: Path, n_stages: int) -> list[dict[str, object]]:
     """Side by side with the replay, each part of it alone, with the product's code and
     settings: reading (gunzip + decoding each line), reading and transforming into
-    replay batches, and storing the ready batches (DuckDB warehouse commits; zstd Parquet files)."""
+    the reader's parts of batches, and storing the ready batches (DuckDB warehouse commits;
+    Parquet files written as the Parquet output writes a commit's new files)."""
     proc = subprocess.run([sys.executable, "-c", _FLOORS, str(landing), str(tmp)],
                           capture_output=True, text=True, check=True, cwd=ROOT)
     parse, transform, duck, parquet = (float(x) for x in proc.stdout.split())
     parts = [
         ("gunzip + decoding the lines only", parse),
-        ("reading + transforming into batches only (the reader process)", transform),
+        ("reading + transforming into parts of batches only (the reader process)", transform),
         ("DuckDB warehouse committing ready batches only", duck),
-        ("pyarrow writing ready batches as zstd Parquet only", parquet),
+        ("pyarrow writing ready batches as Parquet only (one file per table and batch)", parquet),
     ]
     return [{"what": f"floor: {what}, {n_stages:,} stages", "figure": f"{n_stages / seconds:,.0f} stages/s ({seconds:.2f}s)",
              "target": "(for scale)", "ok": None} for what, seconds in parts]

@@ -21,7 +21,9 @@ line too deep, too long or not JSON is a reported bad line either way.
 
 from __future__ import annotations
 
+import array
 import gzip
+import itertools
 import json
 import os
 import re
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import msgspec
+import pyarrow as pa
 
 from pipeline import jsonio
 from pipeline.api_schema import Page
@@ -41,13 +44,16 @@ from pipeline.records import CallFetch, parse_rfc3339, rfc3339, utcnow
 from pipeline.redact import RedactionError, redact_page
 
 try:  # ISA-L's gunzip reads the landing zone a few times faster than zlib's
-    from isal import igzip, isal_zlib
+    from isal import igzip_threaded, isal_zlib
 
-    _gunzip_open = igzip.open
+    def _gunzip_ahead(path: Path, mode: str) -> IO[bytes]:
+        return cast(IO[bytes], igzip_threaded.open(path, mode, threads=1))
+
     GUNZIP_ERRORS: tuple[type[Exception], ...] = (zlib.error, isal_zlib.error)
 except ImportError:  # a platform without an isal wheel
-    _gunzip_open = gzip.open
+    _gunzip_ahead = gzip.open
     GUNZIP_ERRORS = (zlib.error,)
+_READ_ERRORS = (OSError, EOFError, *GUNZIP_ERRORS)
 
 try:
     import fcntl
@@ -59,6 +65,7 @@ HEALING_SUFFIX = ".healing"
 #: A longer line is a bad line (reading it would need that much memory).
 MAX_LINE_BYTES = 512 * 1024 * 1024
 _CHUNK = 1024 * 1024
+_DECODE_BELOW_BYTES = 1024 * 1024
 _PIECE = 64 * 1024  # compressed bytes fed at a time while healing
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -288,10 +295,26 @@ class BadLine:
     reason: str
 
 
-def _open_lines(path: Path) -> IO[bytes]:
-    if path.name.endswith(".gz"):
-        return cast(IO[bytes], _gunzip_open(path, "rb"))
-    return open(path, "rb")
+def _file_lines(path: Path) -> Iterator[bytes | None]:
+    """A landing file's lines (see :func:`_lines`); a damaged gzip stream gives its lines
+    up to the damage, then raises."""
+    if not path.name.endswith(".gz"):
+        with open(path, "rb") as stream:
+            yield from _lines(stream)
+        return
+    given = 0
+    try:
+        # Decompressed in a thread of its own (ISA-L releases the GIL): the transform keeps its core.
+        with _gunzip_ahead(path, "rb") as stream:
+            for line in _lines(stream):
+                given += 1
+                yield line
+        return
+    except _READ_ERRORS:
+        pass
+    # ISA-L drops the lines decompressed with the damage: zlib gives every line up to it.
+    with gzip.open(path, "rb") as stream:
+        yield from itertools.islice(_lines(stream), given, None)
 
 
 @dataclass(frozen=True)
@@ -324,8 +347,7 @@ def read_landing_zone(
     for path in landing_files(raw_dir):
         number = 0
         try:
-            with _open_lines(path) as stream:
-                for number, line in enumerate(_lines(stream), start=1):
+            for number, line in enumerate(_file_lines(path), start=1):
                     if line is None:
                         if reports_lines:
                             on_bad_line(BadLine(f"{path}:{number}", f"line longer than {MAX_LINE_BYTES} bytes"))
@@ -345,7 +367,7 @@ def read_landing_zone(
                         continue
                     if done is not None:
                         yield done
-        except (OSError, EOFError, *GUNZIP_ERRORS) as exc:
+        except _READ_ERRORS as exc:
             # A cut gzip stream (e.g. a killed run's last lines): keep what was read.
             if reports_lines:
                 on_bad_line(BadLine(f"{path}:{number + 1}", f"unreadable from here on ({exc.__class__.__name__})"))
@@ -403,10 +425,23 @@ def _decode_line(line: bytes) -> LandedLine | Any:
     if jsonio.too_deep(line):
         return jsonio.loads(line)
     try:
-        line.decode()  # msgspec checks UTF-8 only in the fields it decodes
+        _check_utf8(line)  # msgspec checks UTF-8 only in the fields it decodes
         return _landed_line.decode(line)
     except (msgspec.MsgspecError, UnicodeDecodeError):
         return jsonio.loads(line)
+
+
+def _check_utf8(line: bytes) -> None:
+    """Raise UnicodeDecodeError unless ``line`` is UTF-8; a long line is checked by Arrow in
+    place (decoding it would build a str of up to four times its size)."""
+    if len(line) < _DECODE_BELOW_BYTES:
+        line.decode()
+        return
+    offsets = pa.py_buffer(array.array("q", [0, len(line)]))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(line)]).validate(full=True)
+    except pa.ArrowInvalid:
+        raise UnicodeDecodeError("utf-8", line[:0], 0, 1, "invalid UTF-8") from None
 
 
 def _apply_line(record: Any, open_fetches: dict[str, CallFetch], nbytes: int = 0) -> CallFetch | None:

@@ -85,12 +85,23 @@ def _send(conn: Connection, message: ReplayMessage) -> None:
     head = (message.bad_lines, rest, list(tables))
     conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
     for name in list(tables):
-        sink = pa.BufferOutputStream()
         table = tables.pop(name)
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+        frame = _ipc_stream(table)
         del table
-        conn.send_bytes(sink.getvalue())
+        conn.send_bytes(frame)
+        del frame
+
+
+def _ipc_stream(table: pa.Table) -> pa.Buffer:
+    """The table as one Arrow IPC stream, in a buffer of its exact size (a growing sink
+    would hold up to three times the table while it reallocates)."""
+    size = pa.MockOutputStream()
+    with pa.ipc.new_stream(size, table.schema) as writer:
+        writer.write_table(table)
+    frame = pa.allocate_buffer(size.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(frame), table.schema) as writer:
+        writer.write_table(table)
+    return frame
 
 
 def _failure(exc: BaseException) -> str:

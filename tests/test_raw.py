@@ -330,3 +330,29 @@ def test_pages_whose_stages_are_bytes_land_redacted_and_replay_the_same(tmp_path
     landed = {name: gzip.decompress((tmp_path / name / "run.jsonl.gz").read_bytes()) for name in ("objects", "bytes")}
     assert SECRET.encode() not in landed["bytes"]
     assert landed["bytes"] == landed["objects"]
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "flipped"])
+def test_a_damaged_gzip_file_keeps_its_lines_before_the_damage_and_the_next_file_loads(tmp_path: Path, damage: str) -> None:
+    from pipeline.sandbox import SyntheticData, write_landing_zone
+
+    data = SyntheticData(n_calls=60, seed=4)
+    calls = [(c, data.stages_for(c)) for c in data.call_ids]
+    write_landing_zone(tmp_path / "a", calls[:50], run_id="a")
+    write_landing_zone(tmp_path / "b", calls[50:], run_id="b")
+    body = (tmp_path / "a" / "a.jsonl.gz").read_bytes()
+    middle = len(body) // 2
+    damaged = {"cut": body[:middle], "garbage": body + b"\x1f\x8b\x08garbage" * 50,
+               "flipped": body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]}[damage]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl.gz").write_bytes(damaged)
+    (raw / "b.jsonl.gz").write_bytes((tmp_path / "b" / "b.jsonl.gz").read_bytes())
+    bad: list[BadLine] = []
+    loaded = {fetch.call_id for fetch in read_landing_zone(raw, bad.append)}
+    assert {c for c, _ in calls[50:]} <= loaded  # the next file is read whole
+    assert any("a.jsonl.gz" in b.where and "unreadable from here on" in b.reason for b in bad) or damage == "flipped" and bad
+    if damage == "garbage":
+        assert loaded == {c for c, _ in calls}
+    else:
+        assert 0 < len(loaded & {c for c, _ in calls[:50]}) < 50

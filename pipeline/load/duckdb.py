@@ -258,7 +258,7 @@ class DuckDBWarehouse(Warehouse):
                     con.execute(f"DELETE FROM {table.name} WHERE call_id IN {replaced}")
                 rows = tables.get(table.name)
                 if rows is not None and rows.num_rows:
-                    con.register("batch_rows", rows)
+                    con.register("batch_rows", _json_typed(rows, table))
                     con.execute(f"INSERT INTO {table.name} BY NAME SELECT * FROM batch_rows")
                     con.unregister("batch_rows")
             con.execute(
@@ -273,6 +273,21 @@ class DuckDBWarehouse(Warehouse):
             raise
         finally:
             con.unregister("batch_outcomes")
+
+
+def _json_typed(rows: pa.Table, table: schema.Table) -> pa.Table:
+    """JSON columns as Arrow's JSON type, which DuckDB stores without parsing the text
+    again: the transform's JSON is valid by construction (decoded, or encoded by us)."""
+    for column in table.columns:
+        index = rows.schema.get_field_index(column.name)
+        if column.sql_type == schema.JSON and index >= 0 and pa.types.is_string(rows.schema.field(index).type):
+            values = rows.column(index)
+            chunks = [pa.ExtensionArray.from_storage(_JSON_TYPE, chunk) for chunk in values.chunks]
+            rows = rows.set_column(index, pa.field(column.name, _JSON_TYPE), pa.chunked_array(chunks, _JSON_TYPE))
+    return rows
+
+
+_JSON_TYPE = pa.json_()
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
