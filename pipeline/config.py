@@ -63,9 +63,9 @@ class Settings:
     batch_stages: int = 2000
     #: Page bytes gathered before one transform + commit (whichever of the two comes first).
     batch_bytes: int = 4 * 1024 * 1024
-    #: `replay`: the same two bounds; no latency to hide, and DuckDB writes big batches straight to the file.
-    replay_batch_stages: int = 8000
-    replay_batch_bytes: int = 12 * 1024 * 1024
+    #: `replay`: the same two bounds (None: the format's, :data:`REPLAY_BATCHES`).
+    replay_batch_stages: int | None = None
+    replay_batch_bytes: int | None = None
     #: `replay`: processes reading and transforming the landing zone, each a share of the calls.
     replay_readers: int = 1
     #: Calls in a row failing on connection errors or 5xx before the run stops (exit 3).
@@ -78,6 +78,11 @@ class Settings:
     keep_deleted: bool = False
     #: DuckDB buffer-pool cap while writing (its default is 80% of RAM).
     duckdb_memory_limit: str = "256MB"
+
+    def replay_batch(self) -> tuple[int, int]:
+        """(stages, page bytes) of a replay commit: as set, else the format's default."""
+        stages, nbytes = REPLAY_BATCHES[self.format]
+        return self.replay_batch_stages or stages, self.replay_batch_bytes or nbytes
 
     @property
     def output_path(self) -> Path:
@@ -93,8 +98,13 @@ class Settings:
         return {name: _without_userinfo(value) for name, value in dataclasses.asdict(self).items()}
 
 
+#: Replay commits per format, (stages, page bytes): no latency to hide, so bigger than a
+#: run's. DuckDB writes a batch of a few row groups straight to the file; Parquet and Delta
+#: write a file per date folder and table per commit, so fewer, bigger commits.
+REPLAY_BATCHES = {"duckdb": (8000, 12 << 20), "parquet": (16000, 24 << 20), "delta": (16000, 24 << 20)}
+
 _FIELD_TYPES: dict[str, type] = {
-    f.name: (str if "str" in str(f.type) else {"int": int, "float": float, "bool": bool}[str(f.type)])
+    f.name: (str if "str" in str(f.type) else {"int": int, "float": float, "bool": bool}[str(f.type).removesuffix(" | None")])
     for f in fields(Settings)
 }
 _OPTIONAL = {f.name for f in fields(Settings) if "None" in str(f.type)}

@@ -529,8 +529,8 @@ def run_replay(
     with StopSignals() as guard, contextlib.ExitStack() as readers:
         # The readers start (and import) while the warehouse opens; they read once told to.
         count = settings.replay_readers
-        part_stages = min(READER_PART_STAGES, settings.replay_batch_stages)
-        part_bytes = min(READER_PART_BYTES, settings.replay_batch_bytes)
+        batch_stages, batch_bytes = settings.replay_batch()
+        part_stages, part_bytes = min(READER_PART_STAGES, batch_stages), min(READER_PART_BYTES, batch_bytes)
         started_readers = [
             readers.enter_context(ReplayReader(raw_dir, part_stages, part_bytes, run.run_id, Share(index, count)))
             for index in range(count)
@@ -547,7 +547,7 @@ def run_replay(
                 for reader in started_readers:
                     reader.go()
                 _replay_into(started_readers, BatchLoader(warehouse, run, reporter), result, guard,
-                             settings.replay_batch_stages, settings.replay_batch_bytes)
+                             batch_stages, batch_bytes)
                 status = ledger.finished_status(run.calls_failed, len(result.bad_lines))
             except BaseException as exc:
                 reporter.end_progress()

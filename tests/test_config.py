@@ -264,3 +264,14 @@ def test_memory_limit_is_checked_before_the_warehouse_is_opened(tmp_path):
                                    "--output", str(db)], env={"ULTRAVOX_API_KEY": "k-test-1234"})
     assert res.exit_code == 2 and "duckdb_memory_limit" in res.output and '"256MB"' in res.output
     assert not db.exists()
+
+
+def test_replay_batches_default_by_format_and_a_setting_wins(tmp_path):
+    assert Settings(format="duckdb").replay_batch() == (8000, 12 << 20)
+    assert Settings(format="parquet").replay_batch() == Settings(format="delta").replay_batch() == (16000, 24 << 20)
+    config = tmp_path / "c.toml"
+    config.write_text("format = 'parquet'\nreplay_batch_bytes = 1000000\n")
+    assert load_settings(str(config), {}).replay_batch() == (16000, 1_000_000)
+    config.write_text("replay_batch_stages = 0\n")
+    with pytest.raises(ConfigError, match="'replay_batch_stages' must be greater than 0"):
+        load_settings(str(config), {})

@@ -354,5 +354,5 @@ def test_a_damaged_gzip_file_keeps_its_lines_before_the_damage_and_the_next_file
     assert any("a.jsonl.gz" in b.where and "unreadable from here on" in b.reason for b in bad) or damage == "flipped" and bad
     if damage == "garbage":
         assert loaded == {c for c, _ in calls}
-    else:
+    elif damage == "cut":
         assert 0 < len(loaded & {c for c, _ in calls[:50]}) < 50
