@@ -1,3 +1,10 @@
 """ultravox-stages: export Ultravox call stages into DuckDB or Parquet."""
 
+import os
+
 __version__ = "0.1.0"
+
+# pyarrow's allocator (mimalloc) reads this when pyarrow loads: arenas committed on
+# first use rather than up front keep tens of MB less resident, at the same speed.
+# A value set in the environment wins.
+os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")

@@ -11,7 +11,10 @@ Three allocator effects made RSS sit well above the data actually alive between 
   in the heap and fragment it, and every worker thread gets an arena of its own:
   :func:`use_system_allocator` fixes the threshold and caps the arenas.
 
-Both are best effort: other platforms and C libraries are left as they are.
+A fourth is set before pyarrow loads (``pipeline/__init__.py``): mimalloc, which the
+reader process keeps for speed, commits its arenas on first use instead of up front.
+
+All are best effort: other platforms and C libraries are left as they are.
 """
 
 from __future__ import annotations

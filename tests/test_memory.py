@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pyarrow as pa
@@ -29,3 +30,13 @@ def test_freed_batch_memory_goes_back_to_the_os() -> None:
     del batch
     memory.release_free_memory()
     assert rss_mb() < held - 40
+
+
+def test_the_package_sets_pyarrows_allocator_option_before_pyarrow_loads_and_keeps_a_users_value() -> None:
+    import subprocess
+
+    probe = "import os, pipeline, pyarrow; print(os.environ.get('MIMALLOC_ARENA_EAGER_COMMIT'))"
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_ARENA_EAGER_COMMIT"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "0"
+    env["MIMALLOC_ARENA_EAGER_COMMIT"] = "1"
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1"
