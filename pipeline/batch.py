@@ -80,6 +80,25 @@ def merge_batches(batches: Sequence[PreparedBatch]) -> PreparedBatch:
     one, and a stage id an earlier call of the commit holds fails the later call alone."""
     if len(batches) == 1:
         return batches[0]
+    if _disjoint(batches):
+        dropped: list[list[str]] = [[] for _ in batches]
+        outcomes = [o for b in batches for o in b.outcomes]
+    else:
+        last, losers, dropped = _overlaps(batches)
+        outcomes = [_failed(o, losers) for index, b in enumerate(batches) for o in b.outcomes
+                    if last[_normal(o.call_id)] == index]
+    return PreparedBatch(
+        {name: pa.concat_tables([_without(b.tables[name], drop) for b, drop in zip(batches, dropped, strict=True)])
+         for name in batches[0].tables},
+        outcomes,
+        [w for b in batches for w in b.warnings],
+        sum(b.stages for b in batches),
+        sum(b.nbytes for b in batches),
+    )
+
+
+def _overlaps(batches: Sequence[PreparedBatch]) -> tuple[dict[str, int], dict[str, str], list[list[str]]]:
+    """({call: the last batch holding it}, {call failed: why}, per batch the calls to drop)."""
     last = {_normal(o.call_id): index for index, batch in enumerate(batches) for o in batch.outcomes}
     owners: dict[str, str] = {}
     losers: dict[str, str] = {}
@@ -100,14 +119,16 @@ def merge_batches(batches: Sequence[PreparedBatch]) -> PreparedBatch:
             else:
                 owners.update(dict.fromkeys(stage_ids, call_id))
         dropped.append(superseded + [c for c in claims if c in losers])
-    return PreparedBatch(
-        {name: pa.concat_tables([_without(b.tables[name], drop) for b, drop in zip(batches, dropped, strict=True)])
-         for name in batches[0].tables},
-        [_failed(o, losers) for index, b in enumerate(batches) for o in b.outcomes if last[_normal(o.call_id)] == index],
-        [w for b in batches for w in b.warnings],
-        sum(b.stages for b in batches),
-        sum(b.nbytes for b in batches),
-    )
+    return last, losers, dropped
+
+
+def _disjoint(batches: Sequence[PreparedBatch]) -> bool:
+    """Whether no call and no stage id is in two of the batches (the usual case, checked in bulk)."""
+    calls = pa.chunked_array([pa.array([o.call_id for o in b.outcomes], pa.string()) for b in batches])
+    stages = [b.tables["call_stages"]["call_stage_id"] for b in batches if "call_stages" in b.tables]
+    stage_ids = pc.utf8_lower(pa.chunked_array([c for ids in stages for c in ids.chunks], pa.string()))
+    return (pc.count_distinct(pc.utf8_lower(pc.utf8_trim_whitespace(calls))).as_py() == len(calls)
+            and pc.count_distinct(stage_ids).as_py() == len(stage_ids))
 
 
 def _normal(call_id: str) -> str:

@@ -148,8 +148,8 @@ def _strings(values: Sequence[str | None]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _json_column(values: Sequence[bytes | None]) -> pa.Array:
-    """JSON bytes → a string column, built from one joined buffer (several times faster
+def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
+    """UTF-8 bytes → a string column, built from one joined buffer (several times faster
     than converting object by object); Arrow checks the UTF-8 of the whole column."""
     offsets = array.array("q", [0])
     offsets.extend(itertools.accumulate(0 if v is None else len(v) for v in values))
@@ -181,15 +181,12 @@ def _encode(value: Any) -> bytes:
         return _SURROGATE.sub("\ufffd", text).encode()
 
 
-_VOICE_FRAGMENTS = (b"externalvoice", b"voiceoverride")
-
-
 def _voices_elsewhere(data: bytes, stage: Stage) -> bool:
     """Whether the stage's JSON names a voice anywhere but in its own two voice keys
     (cheap on bytes; a prompt naming one only costs the full redaction)."""
     expected = (stage.externalVoice is not NULL) + (stage.voiceOverrides is not NULL)
     folded = data.lower().translate(None, b"-_")
-    return sum(folded.count(fragment) for fragment in _VOICE_FRAGMENTS) != expected
+    return folded.count(b"externalvoice") + folded.count(b"voiceoverride") != expected
 
 
 def _needs_redaction(data: bytes, stage: Stage) -> bool:
@@ -428,12 +425,16 @@ _MESSAGE_ROW = (
 )
 _VOICE_ROW = ("call_stage_id", "call_id", "role", "provider", "voice_id", "model", "speed", "settings")
 _JSON_COLUMNS = frozenset({"experimental_settings", "initial_state", "raw", "settings"})
+#: Long text: encoded by str.encode and joined, about twice as fast as pa.array for prompts.
+_TEXT_COLUMNS = frozenset({"system_prompt", "time_exceeded_message", "message"})
 _DATA_TABLES = (schema.CALL_STAGES, schema.STAGE_INACTIVITY_MESSAGES, schema.STAGE_VOICES)
 
 
 def _column(values: Sequence[Any], column: schema.Column) -> pa.Array:
     if column.name in _JSON_COLUMNS:
-        return _json_column(values)
+        return _utf8_column(values)
+    if column.name in _TEXT_COLUMNS:
+        return _utf8_column([None if v is None else v.encode() for v in values])
     if column.sql_type == schema.DECIMAL:
         return _decimal_seconds(values)
     return pa.array(values, column.arrow_type)

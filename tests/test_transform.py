@@ -583,14 +583,14 @@ def test_any_exception_while_flattening_fails_only_that_call(monkeypatch) -> Non
 def test_a_bulk_step_failing_is_retried_call_by_call(monkeypatch) -> None:
     import pipeline.transform as transform
 
-    real = transform._json_column
+    real = transform._utf8_column
 
     def fragile(values):
         if any(b"poison" in value for value in values if value):
             raise OverflowError("sk-live-123 TOP SECRET")
         return real(values)
 
-    monkeypatch.setattr(transform, "_json_column", fragile)
+    monkeypatch.setattr(transform, "_utf8_column", fragile)
     calls = [(uid(n), [simple_stage(uid(n), n, model="poison" if n == 2 else "m")]) for n in range(1, 5)]
     result = transform_calls(calls, RUN, NOW)
     assert result.failures == {uid(2): "holds a number out of range"}
