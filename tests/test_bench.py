@@ -44,3 +44,18 @@ def test_bench_smoke_rows_are_sane(tmp_path: Path, part: str) -> None:
             assert 20 < row["rss_mb"] < 4096, what
         if "reader_rss_mb" in row:  # replay's reader process was there and measured
             assert 20 < row["reader_rss_mb"] < 4096, what
+
+
+def test_replay_cpu_measures_one_replay_with_both_processes(tmp_path: Path) -> None:
+    from pipeline.sandbox import SyntheticData, write_landing_zone
+
+    data = SyntheticData(n_calls=30, seed=2)
+    write_landing_zone(tmp_path / "raw", ((c, data.stages_for(c)) for c in data.call_ids))
+    stages = sum(len(data.stages_for(c)) for c in data.call_ids)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "replay_cpu.py"), "parquet", str(tmp_path / "raw"),
+                           str(tmp_path / "out"), "replay_batch_stages=20"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert line.startswith(f"parquet {{'replay_batch_stages': 20}} {stages} stages: wall "), line
+    committing, reader = (int(mb) for mb in line.removesuffix(" MB").split("peak RSS ")[1].split(" + reader "))
+    assert 30 < committing < 1000 and 20 < reader < 1000
