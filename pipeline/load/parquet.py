@@ -18,9 +18,9 @@ of their stage, so a stage and its children always sit in the same date folder. 
 ``created`` goes to ``created_date=__HIVE_DEFAULT_PARTITION__``, which DuckDB, Spark and
 pyarrow read as NULL. The partition column is not stored inside the files. Files are
 Parquet with standard types only (strings for UUID/JSON, decimal128(38,9),
-timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types. Ids and
-free text are zstd without dictionary, short columns snappy with dictionary
-(:func:`_write_options`).
+timestamp[us, UTC]); :func:`connect_views` gives them the DuckDB output's types. A
+commit's new files are snappy; files that rewrite others have ids and free text zstd
+without dictionary, short columns snappy with dictionary (:func:`_write_options`).
 
 Commit protocol (atomic, crash safe). Every change — ``commit_calls`` or an ``upsert`` —
 is one transaction:
@@ -608,8 +608,8 @@ class FileJob:
         if not merged.num_rows:
             return None
         _write_unsynced(merged, self.staged, fresh=not self.sources)
-        synced = io_pool.submit(_fsync_path, self.staged)
-        return pc.unique(merged[key].combine_chunks()), self.staged.stat().st_size, synced
+        size = self.staged.stat().st_size  # before the fsync starts: a stat can wait for it
+        return pc.unique(merged[key].combine_chunks()), size, io_pool.submit(_fsync_path, self.staged)
 
 
 class Transaction:
