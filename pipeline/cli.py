@@ -117,7 +117,9 @@ def handle_errors(fn: F) -> F:
         except BrokenPipeError:
             _quiet_broken_pipe()
         except Exception as exc:  # a bug or an unforeseen failure: one line, exit 4
-            _fail(kwargs, f"internal error: {type(exc).__name__}: {scrub(str(exc))}; rerun with --debug for a traceback",
+            # A library's message may span lines (pyarrow adds its C++ call site): its first line.
+            first = next((line.strip() for line in scrub(str(exc)).splitlines() if line.strip()), "")[:300]
+            _fail(kwargs, f"internal error: {type(exc).__name__}: {first}; rerun with --debug for a traceback",
                   EXIT_WAREHOUSE, exc)
 
     return wrapper  # type: ignore[return-value]

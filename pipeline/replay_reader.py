@@ -310,7 +310,8 @@ def received(readers: Sequence[ReplayReader], stopping: Callable[[], bool], ahea
         done.set()
         with changed:
             changed.notify_all()
-        thread.join()
+        # A thread still inside a receive ends when the readers are closed (their pipes end).
+        thread.join(timeout=5 * POLL_SECONDS)
 
 if __name__ == "__main__":
     _reader_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],

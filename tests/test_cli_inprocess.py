@@ -56,6 +56,21 @@ def test_a_bug_is_exit_4_with_one_line_and_the_run_recorded_crashed(tmp_path, st
     assert debug.stderr.strip().splitlines()[-1].startswith("internal error: RuntimeError")
 
 
+def test_a_library_error_of_several_lines_is_shown_as_its_first_line(tmp_path, start_sandbox, monkeypatch):
+    box = start_sandbox(n_calls=5)
+
+    def broken_transform(*_args, **_kwargs):
+        raise RuntimeError("Function 'x' has no kernel\n\nAt:\n  pyarrow/error.pxi(92): check_status\n" + "y" * 5000)
+
+    monkeypatch.setattr("pipeline.batch.transform_calls", broken_transform)
+    res = invoke("run", "--calls-file", _ids(tmp_path, box.data.call_ids), "--output", str(tmp_path / "w.duckdb"),
+                 "--base-url", box.base_url)
+    assert res.exit_code == 4
+    assert res.stderr.strip().splitlines() == [
+        "internal error: RuntimeError: Function 'x' has no kernel; rerun with --debug for a traceback"
+    ]
+
+
 def test_debug_keeps_usage_exit_code_and_never_shows_the_key(tmp_path, start_sandbox):
     res = invoke("run", "--output", str(tmp_path / "w.duckdb"), "--debug")
     assert res.exit_code == 2
