@@ -278,8 +278,6 @@ class DuckDBWarehouse(Warehouse):
 def _json_typed(rows: pa.Table, table: schema.Table) -> pa.Table:
     """JSON columns as Arrow's JSON type, which DuckDB stores without parsing the text
     again: the transform's JSON is valid by construction (decoded, or encoded by us)."""
-    if _JSON_TYPE is None:
-        return rows
     for column in table.columns:
         index = rows.schema.get_field_index(column.name)
         if column.sql_type == schema.JSON and index >= 0 and pa.types.is_string(rows.schema.field(index).type):
@@ -289,8 +287,7 @@ def _json_typed(rows: pa.Table, table: schema.Table) -> pa.Table:
     return rows
 
 
-#: Arrow's JSON extension type (pyarrow 19 and later; before, DuckDB parses the strings).
-_JSON_TYPE = pa.json_() if hasattr(pa, "json_") else None
+_JSON_TYPE = pa.json_()
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
