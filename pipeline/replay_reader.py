@@ -2,9 +2,10 @@
 one commits, so decoding and the warehouse's writes each get a core (threads would
 share one interpreter lock).
 
-The reader sends one message per batch through a pipe: the batch's outcomes and
-warnings pickled, its tables as Arrow IPC streams (read back without a copy). A pipe
-holds one message at a time, so at most one batch waits while the next is built.
+The reader sends one message per part of a batch through a pipe: the part's outcomes
+and warnings pickled, its tables as Arrow IPC streams (read back without a copy).
+:func:`received` takes them in a thread of the committing process while it commits,
+up to a byte budget ahead; the caller gathers parts into batches.
 """
 
 from __future__ import annotations
