@@ -147,6 +147,25 @@ def test_batches_with_huge_prompts_commit_under_a_small_memory_limit(tmp_path: P
         assert not (tmp_path / "out.duckdb.tmp").exists()  # the spill folder goes at close
 
 
+@pytest.mark.parametrize("release_to", [None, 1000])
+def test_duckdb_gets_its_memory_limit_back_after_each_commit(tmp_path: Path, monkeypatch, release_to: int | None) -> None:
+    """After a commit the limit is lowered for a moment (DuckDB then releases what it freed)
+    and set back; when DuckDB cannot get under the low value (1000 bytes here) the lowering is
+    refused and nothing else changes."""
+    import pipeline.load.duckdb as duckdb_output
+
+    if release_to is not None:
+        monkeypatch.setattr(duckdb_output, "RELEASE_TO_BYTES", release_to)
+    with open_warehouse("duckdb", tmp_path / "w.duckdb", memory_limit="200MB") as wh:
+        limit = wh.con.execute("SELECT current_setting('memory_limit')").fetchall()
+        for batch in batches(big_calls(24, huge_bytes=2_000_000), batch_bytes=1 << 20):
+            commit(wh, batch)
+            assert wh.con.execute("SELECT current_setting('memory_limit')").fetchall() == limit
+    assert rows("duckdb", tmp_path / "w.duckdb", "SELECT count(*), max(length(system_prompt)) FROM call_stages") == [
+        (sum(1 + c % 4 for c in range(24)), 2_000_000)
+    ]
+
+
 # ----------------------------------------------------------------------------- 2. stage ownership
 
 

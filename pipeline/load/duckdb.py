@@ -40,6 +40,8 @@ UNFLUSHED_SHARE = 0.5
 PINNED_STRING_BYTES = 32 << 10
 #: Storage format of new files: the oldest DuckDB supported, so every 1.x reader from it on opens them.
 STORAGE_VERSION = "v1.2.0"
+#: The memory limit set for a moment after each commit, to make DuckDB release what it freed.
+RELEASE_TO_BYTES = 32 << 20
 #: Non-spillable memory of a commit, in batch Arrow bytes (rows, DuckDB's copy, the WAL buffer).
 BATCH_MEMORY_FACTOR = 4
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -240,9 +242,20 @@ class DuckDBWarehouse(Warehouse):
         finally:
             if needed > self._base_memory:
                 self._set_memory_limit(self._base_memory)
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Hand what the commit freed back to the OS: DuckDB's allocator keeps it until the
+        memory limit is lowered (a long replay's process otherwise grows by tens of MB)."""
+        try:
+            self._set_memory_limit(RELEASE_TO_BYTES)
+        except duckdb.OutOfMemoryException:
+            pass  # more is pinned than that (long strings until a checkpoint, indexes): kept
+        finally:
+            self._set_memory_limit(self._base_memory)
 
     def _set_memory_limit(self, limit: int) -> None:
-        self.con.execute(f"SET memory_limit = '{limit // 2**20}MiB'")
+        self.con.execute(f"SET memory_limit = '{limit}B'")
 
     def _insert_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         con = self.con
