@@ -8,7 +8,8 @@ import gc
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,13 @@ def cli():
 def write_ids(path: Path, ids) -> Path:
     path.write_text("\n".join(ids) + "\n")
     return path
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 30.0, poll: float = 0.02) -> bool:
+    """Whether ``condition()`` holds within ``seconds`` (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return condition()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -17,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import pipeline.replay_reader as replay_reader
+from conftest import eventually
 from pipeline.cli import cli
 from pipeline.load import query_connection
 from pipeline.replay_reader import ReaderError, ReplayReader, messages
@@ -45,15 +44,6 @@ def _readers_of(raw: Path) -> list[int]:
         if b"pipeline.replay_reader" in cmdline and str(raw).encode() in cmdline and "zombie" not in state:
             pids.append(int(entry.name))
     return pids
-
-
-def _wait_for(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def _live_run(db: Path) -> dict:
@@ -216,7 +206,7 @@ def test_sigterm_during_replay_commits_whole_batches_exits_143_and_ends_the_read
          "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
-    assert _wait_for(lambda: _calls_committed(db) > 0 or proc.poll() is not None)
+    assert eventually(lambda: _calls_committed(db) > 0 or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     assert _readers_of(big_landing_zone) != []
     proc.send_signal(signal.SIGTERM)
@@ -240,11 +230,11 @@ def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path
     command = [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
                "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    assert _wait_for(lambda: (_readers_of(big_landing_zone) != [] and _live_run(db) != {}) or proc.poll() is not None)
+    assert eventually(lambda: (_readers_of(big_landing_zone) != [] and _live_run(db) != {}) or proc.poll() is not None)
     assert proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _wait_for(lambda: _readers_of(big_landing_zone) == [])
+    assert eventually(lambda: _readers_of(big_landing_zone) == [])
     rerun = subprocess.run(command[:command.index("--config")] + ["--no-progress"], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

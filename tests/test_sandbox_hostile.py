@@ -10,15 +10,15 @@ import re
 import select
 import socket
 import threading
-import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from conftest import eventually
 from pipeline.sandbox import (
     HOSTILE_KIND_DOCS,
     HOSTILE_KINDS,
@@ -79,15 +79,6 @@ def _depth(body: bytes) -> int:
         elif byte in (0x5D, 0x7D):
             depth -= 1
     return deepest
-
-
-def _eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _paths(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
@@ -252,7 +243,7 @@ def test_slow_body_trickles_one_byte_at_a_time() -> None:
             assert first == b"{"  # one byte, and with a minute's pacing nothing else yet
             assert select.select([sock], [], [], 0.3)[0] == []
         # The server notices the hang-up and ends the answer without waiting for the next byte.
-        assert _eventually(lambda: box.stats.in_flight == 0)
+        assert eventually(lambda: box.stats.in_flight == 0)
     # With fast pacing the full page arrives, and it is the normal page.
     fast = SandboxOptions(api_key=KEY, hostile_calls={cid: "slow_body"}, slow_body_interval=0.0001)
     with Sandbox(data, fast) as box:
@@ -275,7 +266,7 @@ def test_stopping_with_a_slow_body_in_flight_returns_promptly() -> None:
         while chunk := sock.recv(65536):  # the server hangs up instead of trickling on
             received += chunk
         assert len(received) < int(headers["content-length"])
-    assert _eventually(lambda: box.stats.in_flight == 0), "the slow answer kept going after stop()"
+    assert eventually(lambda: box.stats.in_flight == 0), "the slow answer kept going after stop()"
 
 
 def test_reused_stage_id_repeats_another_calls_stage(client: httpx.Client) -> None:
