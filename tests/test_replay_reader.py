@@ -379,3 +379,71 @@ def test_merged_batches_keep_a_stage_id_under_one_call_and_the_later_fetch_of_a_
         assert c not in table["call_id"].to_pylist(), name
     voices_of_b = [r for r in merged.tables["stage_voices"].to_pylist() if r["call_id"] == b]
     assert {r["call_stage_id"] for r in voices_of_b} <= {refetched[0]["callStageId"]}
+
+
+@pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
+def test_a_full_disk_mid_replay_exits_4_in_one_line_leaves_no_reader_and_a_rerun_is_exact(
+    tmp_path: Path, monkeypatch, fmt: str
+) -> None:
+    import errno
+
+    import pipeline.load.duckdb as duckdb_output
+    import pipeline.load.parquet as parquet_output
+
+    raw = tmp_path / "raw"
+    _landing_zone(raw, 300)
+    config = tmp_path / "c.toml"
+    config.write_text("replay_batch_stages = 150\n")  # several commits; the disk fills during the third
+    out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w")
+    writes = {"n": 0}
+
+    def full_disk(real):
+        def write(*args, **kwargs):
+            writes["n"] += 1
+            if writes["n"] >= 3 * (1 if fmt == "duckdb" else 20):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return write
+
+    if fmt == "duckdb":
+        monkeypatch.setattr(duckdb_output.DuckDBWarehouse, "_insert_batch", full_disk(duckdb_output.DuckDBWarehouse._insert_batch))
+    else:
+        monkeypatch.setattr(parquet_output, "_write_unsynced", full_disk(parquet_output._write_unsynced))
+    args = ["replay", str(raw), "--output", str(out), "--format", fmt, "--config", str(config), "--no-progress"]
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 4, failed.output
+    [line] = failed.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write to") and "No space left on device" in line
+    assert eventually(lambda: _readers_of(raw) == [])
+    monkeypatch.undo()
+    with query_connection(fmt, out) as con:  # whole batches before the failure, none after
+        committed = con.execute("SELECT count(DISTINCT call_id) FROM call_stages").fetchone()[0]
+        assert 0 < committed < 300 and con.execute("SELECT count(*) FROM etl_calls").fetchone()[0] >= committed
+    rerun = CliRunner().invoke(cli, args)
+    assert rerun.exit_code == 0, rerun.output
+    with query_connection(fmt, out) as con:  # the dead run's record is marked by the next writer
+        assert sorted(con.execute("SELECT status FROM etl_runs").fetchall()) == [("crashed",), ("succeeded",)]
+    clean = tmp_path / ("clean.duckdb" if fmt == "duckdb" else "clean")
+    assert CliRunner().invoke(cli, [*args[:3], str(clean), *args[4:]]).exit_code == 0
+    sql = "SELECT * EXCLUDE (run_id, extracted_at) FROM call_stages ORDER BY call_stage_id"
+    with query_connection(fmt, out) as con, query_connection(fmt, clean) as clean_con:
+        assert con.execute(sql).fetchall() == clean_con.execute(sql).fetchall()
+        assert con.execute("SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages").fetchone()[0] > 300
+
+
+def test_replay_of_a_cut_gzip_file_loads_its_lines_before_the_cut_and_every_other_file(tmp_path: Path) -> None:
+    data = SyntheticData(n_calls=80, seed=12)
+    calls = [(c, data.stages_for(c)) for c in data.call_ids]
+    write_landing_zone(tmp_path / "a", calls[:60], run_id="a")
+    raw = tmp_path / "raw"
+    write_landing_zone(raw, calls[60:], run_id="b")
+    body = (tmp_path / "a" / "a.jsonl.gz").read_bytes()
+    (raw / "a.jsonl.gz").write_bytes(body[: len(body) * 2 // 3])  # a killed copy, cut mid-stream
+    db = tmp_path / "w.duckdb"
+    result = CliRunner().invoke(cli, ["replay", str(raw), "--output", str(db), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "a.jsonl.gz:" in result.stderr and "unreadable from here on" in result.stderr
+    loaded = {row[0] for row in _stored(db, "SELECT call_id::VARCHAR FROM etl_calls WHERE status = 'loaded'")}
+    assert {c for c, _ in calls[60:]} <= loaded
+    assert 20 < len(loaded & {c for c, _ in calls[:60]}) < 60
+    assert _stored(db, "SELECT count(*) = count(DISTINCT call_stage_id) FROM call_stages") == [(True,)]
