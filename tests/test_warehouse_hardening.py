@@ -218,6 +218,32 @@ def test_primary_keys_hold_after_conflicting_runs(tmp_path: Path, fmt: str) -> N
     assert rows(fmt, out, "SELECT count(*) FROM etl_calls WHERE status = 'failed'") == [(15,)]
 
 
+def test_a_duckdb_warehouse_created_with_primary_keys_on_the_data_tables_keeps_working(tmp_path: Path) -> None:
+    """Files made before the data tables lost their keys: replacing calls (delete + insert
+    of the same keys in one transaction) and conflicting stage ids still work."""
+    import duckdb
+
+    from pipeline.load.duckdb import STORAGE_VERSION
+
+    out = tmp_path / "old.duckdb"
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{out}' AS old (STORAGE_VERSION '{STORAGE_VERSION}')")
+    for table in schema.TABLES.values():
+        cols = ", ".join(f"{c.name} {c.sql_type}{'' if c.nullable else ' NOT NULL'}" for c in table.columns)
+        con.execute(f"CREATE TABLE old.{table.name} ({cols}, PRIMARY KEY ({', '.join(table.primary_key)}))")
+    con.close()
+    calls = [(call_id(c), [stage(call_id(c), stage_id(c % 5), c), stage(call_id(c), stage_id(100 + c), c)]) for c in range(20)]
+    for run in range(2):
+        with open_warehouse("duckdb", out) as wh:
+            for start in range(0, 20, 7):
+                commit(wh, calls[start : start + 7], run_id=f"run-{run}")
+    assert rows("duckdb", out, "SELECT count(*), count(DISTINCT call_stage_id) FROM call_stages") == [(10, 10)]  # 5 calls keep their 2 stages
+    assert rows("duckdb", out, "SELECT count(*) FROM etl_calls WHERE status = 'failed'") == [(15,)]
+    indexes = duckdb.connect(str(out), read_only=True).execute(
+        "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'call_stages' AND constraint_type = 'PRIMARY KEY'")
+    assert indexes.fetchall() == [(1,)]
+
+
 # ----------------------------------------------------------------------------- 3. crashed runs
 
 
