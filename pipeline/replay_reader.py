@@ -14,6 +14,7 @@ import gc
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +37,9 @@ POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
 _PIPE_BYTES = 1 << 20
 _GC_THRESHOLD = 20_000
+#: Frames up to this size reuse the sender's buffer (a part of a batch, with its prompts twice, fits).
+REUSED_FRAME_BYTES = 12 << 20
+_FRAME_LENGTH = struct.Struct("!Q")
 
 
 class ReaderError(StagesError):
@@ -77,32 +81,63 @@ def read_batches(
     yield message(None)
 
 
-def _send(conn: Connection, message: ReplayMessage) -> None:
-    """The message as pipe frames: the pickled rest, then one Arrow IPC stream per table
-    (each table is let go once sent, so only one is held twice)."""
-    batch = message.batch
-    tables = {} if batch is None else batch.tables
-    rest = (batch.outcomes, batch.warnings, batch.stages, batch.nbytes) if batch is not None else message.peak_rss_kb
-    head = (message.bad_lines, rest, list(tables))
-    conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
-    for name in list(tables):
-        table = tables.pop(name)
-        frame = _ipc_stream(table)
+class _FrameSender:
+    """Sends messages as pipe frames: the pickled rest through the connection, then one
+    Arrow IPC stream per table as its length and its bytes.
+
+    The streams are written into one buffer kept from frame to frame (a fresh buffer per
+    frame costs a page fault for every 4 KiB of it); a frame bigger than REUSED_FRAME_BYTES
+    gets a buffer of its own, let go once sent."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._frame = pa.allocate_buffer(0)
+
+    def send(self, message: ReplayMessage) -> None:
+        batch = message.batch
+        tables = {} if batch is None else batch.tables
+        rest = (batch.outcomes, batch.warnings, batch.stages, batch.nbytes) if batch is not None else message.peak_rss_kb
+        head = (message.bad_lines, rest, list(tables))
+        self.conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
+        for name in list(tables):
+            self._send_table(tables.pop(name))  # each table is let go once sent
+
+    def _send_table(self, table: pa.Table) -> None:
+        size = pa.MockOutputStream()
+        with pa.ipc.new_stream(size, table.schema) as writer:
+            writer.write_table(table)
+        nbytes = size.size()
+        frame = self._frame if nbytes <= self._frame.size else pa.allocate_buffer(nbytes)
+        if self._frame.size < nbytes <= REUSED_FRAME_BYTES:
+            self._frame = frame
+        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(frame), table.schema) as writer:
+            writer.write_table(table)
         del table
-        conn.send_bytes(frame)
-        del frame
+        _write_all(self.conn.fileno(), memoryview(_FRAME_LENGTH.pack(nbytes)))
+        _write_all(self.conn.fileno(), memoryview(frame)[:nbytes])
 
 
-def _ipc_stream(table: pa.Table) -> pa.Buffer:
-    """The table as one Arrow IPC stream, in a buffer of its exact size (a growing sink
-    would hold up to three times the table while it reallocates)."""
-    size = pa.MockOutputStream()
-    with pa.ipc.new_stream(size, table.schema) as writer:
-        writer.write_table(table)
-    frame = pa.allocate_buffer(size.size())
-    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(frame), table.schema) as writer:
-        writer.write_table(table)
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_frame(fd: int) -> pa.Buffer:
+    """One table frame written by :class:`_FrameSender`, read straight into an Arrow buffer."""
+    (nbytes,) = _FRAME_LENGTH.unpack(_read_exact(fd, memoryview(bytearray(_FRAME_LENGTH.size))))
+    frame = pa.allocate_buffer(nbytes)
+    _read_exact(fd, memoryview(frame))
     return frame
+
+
+def _read_exact(fd: int, view: memoryview) -> memoryview:
+    got = 0
+    while got < len(view):
+        n = os.readv(fd, [view[got:]])
+        if not n:
+            raise EOFError
+        got += n
+    return view
 
 
 def _failure(exc: BaseException) -> str:
@@ -159,11 +194,12 @@ def _reader_main(
     gc.freeze()
     gc.set_threshold(_GC_THRESHOLD, 20, 20)
     conn = Connection(fd, readable=False)
+    sender = _FrameSender(conn)
     try:
         for message in read_batches(Path(raw_dir), batch_stages, batch_bytes, run_id, share):
             if message.batch is None:
                 message.peak_rss_kb = _peak_rss_kb()
-            _send(conn, message)
+            sender.send(message)
             del message
             pa.default_memory_pool().release_unused()
     except (BrokenPipeError, ConnectionResetError):
@@ -229,7 +265,7 @@ class ReplayReader:
 
     def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:
         bad_lines, rest, names = head
-        tables = {name: pa.ipc.open_stream(pa.py_buffer(self._conn.recv_bytes())).read_all() for name in names}
+        tables = {name: pa.ipc.open_stream(_read_frame(self._conn.fileno())).read_all() for name in names}
         if not isinstance(rest, tuple):
             return ReplayMessage(bad_lines, None, rest)  # type: ignore[arg-type]
         return ReplayMessage(bad_lines, PreparedBatch(tables, *rest))

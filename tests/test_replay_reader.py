@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
 import pipeline.replay_reader as replay_reader
 from conftest import eventually
+from pipeline.batch import PreparedBatch
 from pipeline.cli import cli
 from pipeline.load import query_connection
 from pipeline.replay_reader import ReaderError, ReplayReader, messages
@@ -188,6 +193,31 @@ def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path:
     assert sum(len(m.bad_lines) for m in received) == 1
     assert sum(o.stage_count or 0 for m in received if m.batch for o in m.batch.outcomes) == sum(
         len(data.stages_for(c)) for c in data.call_ids)
+
+
+def test_table_frames_cross_a_pipe_intact_around_a_frame_too_big_to_reuse(monkeypatch) -> None:
+    monkeypatch.setattr(replay_reader, "REUSED_FRAME_BYTES", 4 << 20)
+    sizes = [3 << 20, 100, 9 << 20, 2 << 20]  # the 9 MiB frame gets a buffer of its own
+    tables = [pa.table({"text": [os.urandom(n // 2).hex()], "n": [n]}) for n in sizes]
+    read_fd, write_fd = os.pipe()
+    receiving, sending = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    sender = replay_reader._FrameSender(sending)
+    got: list[pa.Table] = []
+
+    def receive() -> None:
+        for _ in tables:
+            _, _, names = pickle.loads(receiving.recv_bytes())
+            got.extend(pa.ipc.open_stream(replay_reader._read_frame(read_fd)).read_all() for _ in names)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    for table in tables:  # each frame is bigger than the pipe: writes and reads take turns
+        sender.send(replay_reader.ReplayMessage([], PreparedBatch({"t": table}, [], [], 1, table.nbytes)))
+    thread.join(timeout=30)
+    receiving.close()
+    sending.close()
+    assert [t.equals(w) for t, w in zip(got, tables, strict=True)] == [True] * 4
+    assert sender._frame.size < 4 << 20  # the big frame's buffer was not kept
 
 
 @pytest.fixture(scope="module")
