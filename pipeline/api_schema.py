@@ -29,7 +29,7 @@ Count = BigInt | float | None
 NULL = Raw(b"null")
 
 
-class InactivityMessage(Struct):
+class InactivityMessage(Struct, gc=False):
     duration: str | None = None
     message: str | None = None
     endBehavior: str | None = None
@@ -50,7 +50,7 @@ class VoiceSettings(Struct):
 ExternalVoice = dict[str, Raw]
 
 
-class Stage(Struct):
+class Stage(Struct, gc=False):
     callId: str | None = None
     callStageId: str | None = None
     created: str | None = None

@@ -31,6 +31,7 @@ One rule for stages, stages pages and calls listed by ``GET /api/calls``:
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
 
 REDACTED = "<redacted>"
@@ -109,7 +110,15 @@ def may_hold_secret(json_text: Any) -> bool:
     data = bytes(json_text)
     if not data.isascii():  # str.lower() folds some non-ASCII letters to ASCII ones (KELVIN SIGN → k)
         return _FRAGMENT.search(_fold(data.decode("utf-8", "replace"))) is not None
-    return _FRAGMENT_BYTES.search(data.lower().translate(None, b"-_")) is not None
+    return _FRAGMENT_BYTES.search(fold_ascii(data)) is not None
+
+
+_ASCII_LOWER = bytes.maketrans(string.ascii_uppercase.encode(), string.ascii_lowercase.encode())
+
+
+def fold_ascii(data: bytes) -> bytes:
+    """``data`` folded as key names are (ASCII letters lower-cased, ``-`` and ``_`` gone), in one pass."""
+    return data.translate(_ASCII_LOWER, b"-_")
 
 
 def is_plain_name(name: Any) -> bool:

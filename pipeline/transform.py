@@ -36,7 +36,7 @@ from pipeline.api_schema import (
 )
 from pipeline.durations import duration_nanos
 from pipeline.records import parse_rfc3339
-from pipeline.redact import RedactionError, may_hold_secret, redact_stage, redact_voice
+from pipeline.redact import RedactionError, fold_ascii, may_hold_secret, redact_stage, redact_voice
 
 ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
 #: proto3 JSON omits an enum field that has its default value.
@@ -148,9 +148,10 @@ def _strings(values: Sequence[str | None]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
+def _utf8_column(values: Sequence[bytes | None], checked: bool = False) -> pa.Array:
     """UTF-8 bytes → a string column, built from one joined buffer (several times faster
-    than converting object by object); Arrow checks the UTF-8 of the whole column."""
+    than converting object by object); Arrow checks the UTF-8 of the whole column unless
+    the caller has (``checked``)."""
     offsets = array.array("q", [0])
     offsets.extend(itertools.accumulate(0 if v is None else len(v) for v in values))
     validity = None
@@ -159,7 +160,7 @@ def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
     data = b"".join(v for v in values if v is not None)
     buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
     column = pa.Array.from_buffers(pa.large_string(), len(values), buffers)
-    column.validate(full=True)
+    column.validate(full=not checked)
     return column.cast(pa.string())
 
 
@@ -185,7 +186,7 @@ def _voices_elsewhere(data: bytes, stage: Stage) -> bool:
     """Whether the stage's JSON names a voice anywhere but in its own two voice keys
     (cheap on bytes; a prompt naming one only costs the full redaction)."""
     expected = (stage.externalVoice is not NULL) + (stage.voiceOverrides is not NULL)
-    folded = data.lower().translate(None, b"-_")
+    folded = fold_ascii(data)
     return folded.count(b"externalvoice") + folded.count(b"voiceoverride") != expected
 
 
@@ -434,7 +435,7 @@ def _column(values: Sequence[Any], column: schema.Column) -> pa.Array:
     if column.name in _JSON_COLUMNS:
         return _utf8_column(values)
     if column.name in _TEXT_COLUMNS:
-        return _utf8_column([None if v is None else v.encode() for v in values])
+        return _utf8_column([None if v is None else v.encode() for v in values], checked=True)  # str.encode gives UTF-8
     if column.sql_type == schema.DECIMAL:
         return _decimal_seconds(values)
     return pa.array(values, column.arrow_type)
