@@ -533,33 +533,20 @@ def _compactions(sizes: Mapping[str, int]) -> list[list[str]]:
     return groups
 
 
-@dataclass(frozen=True)
-class Rows:
-    """Rows of a batch bound for one folder: ``table``, or just the rows at ``indices``.
-
-    The gather (a copy of every prompt and raw JSON) is left to the worker thread that
-    writes the file, so it runs in parallel with the other folders' work.
-    """
-
-    table: pa.Table
-    indices: pa.Array | None = None
-
-    def materialize(self) -> pa.Table:
-        return self.table if self.indices is None else self.table.take(self.indices)
-
-
-def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, Rows]:
-    """Rows grouped by partition folder: one sort of the (short) partition values."""
+def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, pa.Table]:
+    """Rows grouped by partition folder: one sort of the (short) partition values and one
+    gather of the rows in that order (chunks and all), each folder a slice of it."""
     if not rows.num_rows:
         return {}
     if column is None or values is None:
-        return {folder: Rows(rows)}
+        return {folder: rows}
     order = pc.sort_indices(values)
-    groups: dict[str, Rows] = {}
+    ordered = rows.take(order)
+    groups: dict[str, pa.Table] = {}
     offset = 0
     for item in pc.value_counts(pc.take(values, order)):  # sorted input → runs in order
         value, count = item["values"].as_py(), item["counts"].as_py()
-        groups[f"{folder}/{column}={value}"] = Rows(rows, order.slice(offset, count))
+        groups[f"{folder}/{column}={value}"] = ordered.slice(offset, count)
         offset += count
     return groups
 
@@ -590,7 +577,7 @@ class FileJob:
     staged: Path
     #: Files to carry over, each with the keys whose rows are dropped (None: keep all).
     sources: list[tuple[Path, pa.Array | None]]
-    rows: Rows | None
+    rows: pa.Table | None
 
     def build(self, io_pool: ThreadPoolExecutor) -> tuple[pa.Array, int, Future[None]] | None:
         """Write the file and queue its fsync; return its distinct keys, its size and
@@ -603,7 +590,7 @@ class FileJob:
                 rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
             pieces.append(rows)
         if self.rows is not None:
-            pieces.append(self.rows.materialize())
+            pieces.append(self.rows)
         merged = pa.concat_tables(pieces)
         if not merged.num_rows:
             return None
@@ -632,7 +619,7 @@ class Transaction:
         """Current rows of ``table`` whose key is in ``keys`` (reads only their files)."""
         return _rows_with_keys(self.root, self.per_table, table, keys)
 
-    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, Rows]) -> None:
+    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
 
         Only folders holding removed keys or receiving rows are touched, and in them
@@ -646,7 +633,7 @@ class Transaction:
         self.deletes[table.name] = gone
 
     def _plan_folder(
-        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: Rows | None
+        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | None
     ) -> list[str]:
         """Queue the new files of one folder; return the files they supersede."""
         size = self._files[table.name].get(folder, {})
@@ -668,7 +655,7 @@ class Transaction:
             self._submit(table, folder, sources, rows)
         return rewrite + [rel for group in [small, *merges] for rel in group]
 
-    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: Rows | None) -> None:
+    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | None) -> None:
         self._seq += 1
         job = FileJob(
             table,
@@ -958,14 +945,13 @@ class ParquetWarehouse(Warehouse):
             raise
 
 
-def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, Rows]]:
+def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table]]:
     """The batch's rows of each data table, split into partition folders."""
     empty = {t.name: t.arrow_schema.empty_table() for t in schema.DATA_TABLES}
     rows = {}
     for name, blank in empty.items():
         given = tables.get(name)
-        # Parts of a batch arrive as chunks: one contiguous table partitions without a pass per chunk.
-        rows[name] = _conform(blank if given is None else given.combine_chunks(), schema.TABLES[name])
+        rows[name] = _conform(blank if given is None else given, schema.TABLES[name])
     for name, table in rows.items():
         stray = pc.invert(pc.is_in(table["call_id"], value_set=replaced))
         if pc.any(stray).as_py():
