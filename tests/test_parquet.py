@@ -317,6 +317,32 @@ def test_many_small_commits_keep_file_count_bounded(out: Path) -> None:
     assert not [p for p in (out / "_staging").iterdir() if p.name != "lock"]
 
 
+def test_compaction_writes_a_row_group_at_a_time_and_keeps_every_row(out: Path, monkeypatch) -> None:
+    import pipeline.load.parquet as parquet
+
+    # A merge holds about one row group: with a 64 KB bound, merged files of 8 KB prompts get many.
+    monkeypatch.setattr(parquet, "MERGE_ROW_GROUP_BYTES", 64 << 10)
+    monkeypatch.setattr(parquet, "MERGE_READ_ROWS", 4)
+    with ParquetWarehouse(out) as wh:
+        for n in range(3 * MAX_FILES_PER_PARTITION):
+            commit_spec(wh, [(2000 + n * 2 + k, "loaded", 0) for k in range(2)], run_id=f"run-{n}", prompt_bytes=8192)
+        commit_spec(wh, [(2000, "loaded", 1)], run_id="refetch", prompt_bytes=8192)  # rewrites a merged file
+    expected = DuckDBWarehouse(out.parent / "same.duckdb")
+    with expected:
+        for n in range(3 * MAX_FILES_PER_PARTITION):
+            commit_spec(expected, [(2000 + n * 2 + k, "loaded", 0) for k in range(2)], run_id=f"run-{n}", prompt_bytes=8192)
+        commit_spec(expected, [(2000, "loaded", 1)], run_id="refetch", prompt_bytes=8192)
+    with expected:
+        want = {t.name: sorted(rows(expected.con, t.name)) for t in schema.DATA_TABLES}
+    assert {t.name: sorted(view_rows(out, t.name)) for t in schema.DATA_TABLES} == want
+    assert_unique_keys(out)
+    groups = [pq.ParquetFile(f).metadata for f in parquet_files(out, "call_stages")]
+    merged = [m for m in groups if m.num_row_groups > 1]
+    assert merged, "no file was merged"
+    biggest = max(m.row_group(i).total_byte_size for m in merged for i in range(m.num_row_groups))
+    assert biggest < 64 << 10 + 4 * 16 << 10  # the bound plus one read batch of 4 rows
+
+
 def test_refuses_foreign_folder_and_file_without_touching_them(tmp_path: Path) -> None:
     foreign = tmp_path / "photos"
     foreign.mkdir()

@@ -129,6 +129,10 @@ SMALL_FILE_BYTES = COMPACT_TIERS[0]
 IO_THREADS = 16
 #: Rows per row group: the usual target size for scan efficiency; smaller tables get one row group.
 ROW_GROUP_ROWS = 65_536
+#: A merged file's row groups hold at most about this many bytes of rows (Arrow), which
+#: bounds what a merge holds in memory; existing files are read MERGE_READ_ROWS at a time.
+MERGE_ROW_GROUP_BYTES = 16 << 20
+MERGE_READ_ROWS = 1024
 #: Columns of unique ids or free text: zstd, no dictionary (it never pays off and costs a
 #: hash of every value), and free text gets no min/max statistics (useless for pruning).
 _UNIQUE_COLUMNS = frozenset({"call_stage_id", "call_id", "key"})
@@ -564,12 +568,65 @@ def _rows_with_keys(root: Path, per_table: Mapping[str, pa.Table], table: schema
     return rows.filter(pc.is_in(rows[key], value_set=keys))
 
 
+class _StreamedFile:
+    """A Parquet file written a row group at a time: rows are held until they reach
+    ROW_GROUP_ROWS rows or MERGE_ROW_GROUP_BYTES bytes, then written, so a merge of big
+    files holds about one row group, whatever the files add up to."""
+
+    def __init__(self, path: Path, table: schema.Table, fresh: bool):
+        self.path = path
+        self.key = key_column(table.name)
+        self.options = _write_options(table.column_names, fresh)
+        self.rows_written = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = self._pending_rows = 0
+        self._keys: list[pa.Array] = []
+
+    def add(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self._keys.append(pc.unique(rows[self.key]))
+        self._pending.append(rows)
+        self._pending_bytes += rows.nbytes
+        self._pending_rows += rows.num_rows
+        if self._pending_bytes >= MERGE_ROW_GROUP_BYTES or self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def close(self) -> pa.Array | None:
+        """Write what is held and close; the file's distinct keys (None when it has no row)."""
+        self._flush()
+        if self._writer is None:
+            return None
+        self._writer.close()
+        keys = pa.chunked_array(self._keys, pa.string()).combine_chunks()
+        return pc.unique(keys)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = pa.concat_tables(self._pending)
+        self._pending, self._pending_bytes, self._pending_rows = [], 0, 0
+        options = dict(self.options)
+        row_group_size = options.pop("row_group_size")
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, rows.schema, **options)
+        self._writer.write_table(rows, row_group_size=row_group_size)
+        self.rows_written += rows.num_rows
+
+
 @dataclass
 class FileJob:
     """One new file: existing files (minus replaced keys) + new rows, merged.
 
-    Built in a worker thread (read, filter, concat, write all release the GIL), so
-    the partitions of a commit are encoded on all cores at once.
+    Built in a worker thread (read, filter, write all release the GIL), so the
+    partitions of a commit are encoded on all cores at once. Existing files are read
+    a batch at a time (see :class:`_StreamedFile`).
     """
 
     table: schema.Table
@@ -583,20 +640,25 @@ class FileJob:
         """Write the file and queue its fsync; return its distinct keys, its size and
         the fsync (None when no row is left)."""
         key = key_column(self.table.name)
-        pieces = []
-        for path, drop in self.sources:
-            rows = _conform(pq.read_table(path), self.table)
-            if drop is not None:
-                rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
-            pieces.append(rows)
-        if self.rows is not None:
-            pieces.append(self.rows)
-        merged = pa.concat_tables(pieces)
-        if not merged.num_rows:
+        out = _StreamedFile(self.staged, self.table, fresh=not self.sources)
+        try:
+            for path, drop in self.sources:
+                with pq.ParquetFile(path) as source:
+                    for batch in source.iter_batches(batch_size=MERGE_READ_ROWS):
+                        rows = _conform(pa.Table.from_batches([batch]), self.table)
+                        if drop is not None:
+                            rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
+                        out.add(rows)
+            if self.rows is not None:
+                out.add(self.rows)
+            keys = out.close()
+        except BaseException:
+            out.abort()
+            raise
+        if keys is None:
             return None
-        _write_unsynced(merged, self.staged, fresh=not self.sources)
         size = self.staged.stat().st_size  # before the fsync starts: a stat can wait for it
-        return pc.unique(merged[key].combine_chunks()), size, io_pool.submit(_fsync_path, self.staged)
+        return keys, size, io_pool.submit(_fsync_path, self.staged)
 
 
 class Transaction:
