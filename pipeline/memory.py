@@ -11,8 +11,9 @@ Three allocator effects made RSS sit well above the data actually alive between 
   in the heap and fragment it, and every worker thread gets an arena of its own:
   :func:`use_system_allocator` fixes the threshold and caps the arenas.
 
-A fourth is set before pyarrow loads (``pipeline/__init__.py``): mimalloc, which the
-reader process keeps for speed, commits its arenas on first use instead of up front.
+Two more are set before pyarrow loads (``pipeline/__init__.py``): the system allocator
+also for the buffers pyarrow's C++ allocates on its own, and mimalloc, which the replay
+reader keeps for speed, commits its arenas on first use instead of up front.
 
 All are best effort: other platforms and C libraries are left as they are.
 """
@@ -30,6 +31,10 @@ import pyarrow as pa
 #: glibc mallopt parameters (malloc.h): a fixed mmap threshold, at most two arenas.
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 MMAP_THRESHOLD_BYTES = 64 * 1024
+#: A replay's committing process holds no Python strings of prompts (they stay in Arrow
+#: buffers): blocks up to 1 MiB come from the heap, reused from batch to batch instead of
+#: being mapped and faulted in afresh (Parquet encoding allocates many of them).
+REPLAY_MMAP_THRESHOLD_BYTES = 1 << 20
 ARENA_MAX = 2
 
 
@@ -60,7 +65,7 @@ def _malloc_trim() -> Callable[[], None]:
 release_free_memory: Callable[[], None] = _malloc_trim()
 
 
-def use_system_allocator() -> None:
+def use_system_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> None:
     """Arrow buffers from the system allocator instead of mimalloc/jemalloc, and glibc
     tuned for big short-lived strings (see the module docstring)."""
     pool = pa.system_memory_pool()
@@ -68,5 +73,5 @@ def use_system_allocator() -> None:
         pa.set_memory_pool(pool)
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
         mallopt(_M_ARENA_MAX, ARENA_MAX)

@@ -28,6 +28,7 @@ from typing import IO
 
 import pyarrow as pa
 
+from pipeline import READER_ARROW_POOL
 from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
 from pipeline.errors import EXIT_WAREHOUSE, StagesError
 from pipeline.raw import WHOLE, BadLine, Share, read_landing_zone
@@ -223,7 +224,8 @@ class ReplayReader:
         read_fd, write_fd = os.pipe()
         _widen(write_fd)
         package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               "ARROW_DEFAULT_MEMORY_POOL": READER_ARROW_POOL}
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.replay_reader", str(write_fd), str(raw_dir), str(batch_stages),

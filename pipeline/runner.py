@@ -31,7 +31,7 @@ from pipeline.extract import ExtractStats, extract_calls
 from pipeline.batch import PendingCalls, PreparedBatch, merge_batches, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
-from pipeline.memory import release_free_memory, use_system_allocator
+from pipeline.memory import REPLAY_MMAP_THRESHOLD_BYTES, release_free_memory, use_system_allocator
 from pipeline.raw import BadLine, RawWriter, Share, heal_partial_files
 from pipeline.replay_reader import ReplayReader, received
 from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
@@ -523,7 +523,7 @@ def run_replay(
     wait_seconds: float | None = None,
 ) -> RunResult:
     started = time.monotonic()
-    use_system_allocator()
+    use_system_allocator(REPLAY_MMAP_THRESHOLD_BYTES)
     run = _new_run(settings, {"replay": str(raw_dir)})
     result = RunResult(run)
     with StopSignals() as guard, contextlib.ExitStack() as readers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -40,3 +41,21 @@ def test_the_package_sets_pyarrows_allocator_option_before_pyarrow_loads_and_kee
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "0"
     env["MIMALLOC_ARENA_EAGER_COMMIT"] = "1"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_arrows_own_allocations_use_the_system_allocator_and_the_replay_reader_keeps_mimalloc_unless_told(tmp_path) -> None:
+    import subprocess
+
+    from pipeline.replay_reader import ReplayReader
+
+    probe = "import pipeline, pyarrow; print(pyarrow.default_memory_pool().backend_name, pipeline.READER_ARROW_POOL)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.split() == [
+        "system", "mimalloc"]
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.split()
+    assert got[1] == "jemalloc"  # a user's choice reaches the reader too
+    with ReplayReader(tmp_path, 10, 1 << 20, "run-x") as reader:  # waits for its go: its environment is set
+        environ = (Path("/proc") / str(reader._process.pid) / "environ").read_bytes().split(b"\0")
+    assert b"ARROW_DEFAULT_MEMORY_POOL=mimalloc" in environ

@@ -438,7 +438,7 @@ def test_a_full_disk_mid_replay_exits_4_in_one_line_leaves_no_reader_and_a_rerun
     if fmt == "duckdb":
         monkeypatch.setattr(duckdb_output.DuckDBWarehouse, "_insert_batch", full_disk(duckdb_output.DuckDBWarehouse._insert_batch))
     else:
-        monkeypatch.setattr(parquet_output, "_write_unsynced", full_disk(parquet_output._write_unsynced))
+        monkeypatch.setattr(parquet_output._StreamedFile, "_flush", full_disk(parquet_output._StreamedFile._flush))
     args = ["replay", str(raw), "--output", str(out), "--format", fmt, "--config", str(config), "--no-progress"]
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 4, failed.output
