@@ -154,6 +154,7 @@ def _write_options(columns: Sequence[str], fresh: bool = False) -> dict[str, Any
         "write_statistics": [c for c in columns if c not in _FREE_TEXT_COLUMNS],
     }
 
+
 def key_column(table: str) -> str:
     """The column identifying which rows a change replaces: call_id for the per-call
     data tables (a call is replaced as a unit), else the single-column primary key."""
@@ -163,6 +164,8 @@ def key_column(table: str) -> str:
     if len(spec.primary_key) != 1:
         raise ValueError(f"{table}: the Parquet output needs a single-column key")
     return spec.primary_key[0]
+
+
 _INDEX_SCHEMA = pa.schema(
     [pa.field("table", pa.string(), False), pa.field("key", pa.string(), False), pa.field("file", pa.string(), False)]
 )
@@ -577,7 +580,6 @@ class _StreamedFile:
         self.path = path
         self.key = key_column(table.name)
         self.options = _write_options(table.column_names, fresh)
-        self.rows_written = 0
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.Table] = []
         self._pending_bytes = self._pending_rows = 0
@@ -617,7 +619,6 @@ class _StreamedFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, rows.schema, **options)
         self._writer.write_table(rows, row_group_size=row_group_size)
-        self.rows_written += rows.num_rows
 
 
 @dataclass
@@ -829,13 +830,9 @@ def _wait_all(futures: Sequence[Future[Any]]) -> list[Any]:
 
 
 def _write_file(rows: pa.Table, path: Path) -> None:
-    _write_unsynced(rows, path)
-    _fsync_path(path)
-
-
-def _write_unsynced(rows: pa.Table, path: Path, fresh: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows, path, **_write_options(rows.column_names, fresh))
+    pq.write_table(rows, path, **_write_options(rows.column_names))
+    _fsync_path(path)
 
 
 # --------------------------------------------------------------------------- warehouse
