@@ -650,10 +650,11 @@ def test_compaction_is_size_tiered() -> None:
     kb, mb = 1 << 10, 1 << 20
     limit = MAX_FILES_PER_PARTITION
     tiny = {f"t{i}": 100 * kb for i in range(limit - 1)}
-    assert _compactions(tiny) == [[], []]  # limit - 1 + the new file: not crowded yet
+    assert _compactions(tiny) == [[], [], []]  # limit - 1 + the new file: not crowded yet
     tiny["last"] = 100 * kb
     assert _compactions(tiny)[0] == sorted(tiny)  # limit + 1 > limit: merged into the new file
     medium = {f"m{i}": 2 * mb for i in range(limit + 1)}
-    final = {f"f{i}": 9 * mb for i in range(50)}
-    groups = _compactions(medium | final | {"t": 10 * kb})
-    assert groups == [[], sorted(medium)]  # big files are never merged
+    large = {f"l{i}": 9 * mb for i in range(limit)}  # a merge of medium files lands here, not merged again yet
+    final = {f"f{i}": 70 * mb for i in range(50)}
+    groups = _compactions(medium | large | final | {"t": 10 * kb})
+    assert groups == [[], sorted(medium), []]  # big files are never merged

@@ -123,7 +123,9 @@ FORMAT_TAG = "ultravox-stages-parquet"
 #: Compact a folder's small files once it would hold more small files than this.
 MAX_FILES_PER_PARTITION = 16
 #: Compaction tiers (upper bounds): a folder's files of one tier are merged, files past the last are final.
-COMPACT_TIERS = (256 << 10, 8 << 20)
+#: Each bound is 16× the one before, so a merge of one tier's files lands in the next tier
+#: and is not merged again with the next files of its own (an 8 MB bound had that).
+COMPACT_TIERS = (256 << 10, 4 << 20, 64 << 20)
 SMALL_FILE_BYTES = COMPACT_TIERS[0]
 #: Threads that fsync files and folders of a commit in parallel.
 IO_THREADS = 16
