@@ -658,3 +658,16 @@ def test_compaction_is_size_tiered() -> None:
     final = {f"f{i}": 70 * mb for i in range(50)}
     groups = _compactions(medium | large | final | {"t": 10 * kb})
     assert groups == [[], sorted(medium), []]  # big files are never merged
+
+
+def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> None:
+    from pipeline.load.parquet import MAX_INDEX_CHUNKS, StageOwners
+
+    owners = StageOwners.load(Path("/nonexistent"), [], None)  # no stage files yet
+    for n in range(MAX_INDEX_CHUNKS + 40):
+        stages = pa.table({"call_stage_id": [stage_uuid(n, 0).upper()], "call_id": [call_uuid(n)]})
+        owners = owners.replaced(pa.array([call_uuid(n)]), stages)
+    owners = owners.replaced(pa.array([call_uuid(3)]), None)  # call 3 now has no stage
+    assert owners.rows["call_id"].num_chunks <= MAX_INDEX_CHUNKS + 1
+    assert owners.rows.num_rows == MAX_INDEX_CHUNKS + 39
+    assert owners.lookup(pa.array([stage_uuid(7, 0)])).to_pylist() == [{"call_stage_id": stage_uuid(7, 0), "call_id": call_uuid(7)}]

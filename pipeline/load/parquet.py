@@ -492,7 +492,9 @@ class StageOwners:
         """After a commit: the stages of ``calls`` are now exactly ``stages``."""
         held = pc.is_in(self.rows["call_id"], value_set=pc.utf8_lower(calls.cast(pa.string())))
         kept = self.rows.filter(pc.invert(held)) if pc.any(held).as_py() else self.rows
-        return StageOwners(pa.concat_tables([kept, _owner_rows(stages)]))
+        rows = pa.concat_tables([kept, _owner_rows(stages)])
+        # Each commit appends a chunk: merge them once they pile up (like the file index).
+        return StageOwners(rows.combine_chunks() if rows["call_id"].num_chunks > MAX_INDEX_CHUNKS else rows)
 
 
 def _owner_rows(stages: pa.Table | None) -> pa.Table:
