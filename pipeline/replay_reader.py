@@ -257,13 +257,12 @@ class ReplayReader:
     def receive(self) -> ReplayMessage:
         """The next message (waits for it)."""
         try:
-            first = self._conn.recv_bytes()
-        except EOFError:
+            head = pickle.loads(self._conn.recv_bytes())
+            if isinstance(head, tuple) and len(head) == 2 and head[0] == "failed":
+                raise ReaderError(f"the replay reader failed ({head[1]}); run replay again, and report it if it happens again")
+            return self._rest(head)
+        except EOFError:  # also in the middle of a table's frame
             raise ReaderError(f"the replay reader process died (exit code {self._process.wait()}); run replay again") from None
-        head = pickle.loads(first)
-        if isinstance(head, tuple) and len(head) == 2 and head[0] == "failed":
-            raise ReaderError(f"the replay reader failed ({head[1]}); run replay again, and report it if it happens again")
-        return self._rest(head)
 
     def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:
         bad_lines, rest, names = head

@@ -160,6 +160,24 @@ class _Forked:
         os.kill(self.pid, signal.SIGKILL)
 
 
+def test_a_reader_killed_in_the_middle_of_a_table_frame_is_a_dead_reader_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    raw = tmp_path / "raw"
+    _landing_zone(raw, 30)
+    real = replay_reader._write_all
+
+    def die_halfway(fd, view):
+        if len(view) > 1000:  # a table's bytes, not its length
+            real(fd, view[: len(view) // 2])
+            os._exit(137)  # as the OOM killer would, mid-write
+        real(fd, view)
+
+    monkeypatch.setattr(replay_reader, "_write_all", die_halfway)
+    with _reader_in_fork(str(raw), 40, 1 << 20, "run-y") as reader:
+        with pytest.raises(ReaderError) as died:
+            list(messages([reader], lambda: False))
+    assert str(died.value) == "the replay reader process died (exit code 137); run replay again"
+
+
 def test_a_failure_inside_the_reader_reaches_the_replay_as_one_line(tmp_path: Path, monkeypatch) -> None:
     def broken(*_args, **_kwargs):
         raise MemoryError("no room for the batch of prompt text")
