@@ -14,24 +14,38 @@ from pipeline.records import CallFetch, CallOutcome, utcnow
 from pipeline.transform import transform_calls
 
 
-class PendingCalls:
-    """Finished calls waiting for a commit, in a batch bounded by stages and bytes."""
+class _Budget:
+    """What is gathered for one commit, counted against its stage and page-byte budget
+    (a subclass says by its truth whether anything is gathered)."""
 
     def __init__(self, batch_stages: int, batch_bytes: int):
         self.batch_stages = batch_stages
         self.batch_bytes = batch_bytes
-        self.calls: dict[str, CallFetch] = {}
         self.stages = 0
         self.nbytes = 0
+
+    def _fits(self, nbytes: int) -> bool:
+        """False when ``nbytes`` more would take the batch over its byte budget: flush first.
+
+        Something above the budget on its own still fits an empty batch: it forms its own."""
+        return not self or self.nbytes + nbytes <= self.batch_bytes
+
+    def full(self) -> bool:
+        return bool(self) and (self.stages >= self.batch_stages or self.nbytes >= self.batch_bytes)
+
+
+class PendingCalls(_Budget):
+    """Finished calls waiting for a commit, in a batch bounded by stages and bytes."""
+
+    def __init__(self, batch_stages: int, batch_bytes: int):
+        super().__init__(batch_stages, batch_bytes)
+        self.calls: dict[str, CallFetch] = {}
 
     def __bool__(self) -> bool:
         return bool(self.calls)
 
     def fits(self, fetch: CallFetch) -> bool:
-        """False when ``fetch`` would take the batch over its byte budget: flush first.
-
-        A call above the budget on its own still fits an empty batch: it forms its own."""
-        return not self.calls or self.nbytes + fetch.nbytes <= self.batch_bytes
+        return self._fits(fetch.nbytes)
 
     def add(self, fetch: CallFetch) -> bool:
         """Add ``fetch``; False when it replaces a fetch of the same call (the later one wins)."""
@@ -44,13 +58,36 @@ class PendingCalls:
         self.nbytes += fetch.nbytes
         return previous is None
 
-    def full(self) -> bool:
-        return bool(self.calls) and (self.stages >= self.batch_stages or self.nbytes >= self.batch_bytes)
-
     def take(self) -> list[CallFetch]:
         fetches = list(self.calls.values())
         self.calls, self.stages, self.nbytes = {}, 0, 0
         return fetches
+
+
+class PendingParts(_Budget):
+    """Parts of batches prepared apart (replay's readers send them), gathered into one
+    commit under the same budget as :class:`PendingCalls`."""
+
+    def __init__(self, batch_stages: int, batch_bytes: int):
+        super().__init__(batch_stages, batch_bytes)
+        self.parts: list[PreparedBatch] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def fits(self, part: PreparedBatch) -> bool:
+        return self._fits(part.nbytes)
+
+    def add(self, part: PreparedBatch) -> None:
+        self.parts.append(part)
+        self.stages += part.stages
+        self.nbytes += part.nbytes
+
+    def take(self) -> PreparedBatch:
+        """The parts as one batch (see :func:`merge_batches`)."""
+        merged = merge_batches(self.parts)
+        self.parts, self.stages, self.nbytes = [], 0, 0
+        return merged
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pipeline.config import Settings
 from pipeline.discover import Discovered, Discovery, discover, parse_watermark
 from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
 from pipeline.extract import ExtractStats, extract_calls
-from pipeline.batch import PendingCalls, PreparedBatch, merge_batches, prepare_batch
+from pipeline.batch import PendingCalls, PendingParts, PreparedBatch, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import REPLAY_MMAP_THRESHOLD_BYTES, release_free_memory, use_system_allocator
@@ -578,12 +578,11 @@ def _replay_into(
 ) -> None:
     """Commit the readers' parts of batches, gathered up to the batch budget, until each
     reader has sent its last message, or a stop signal."""
-    gathered: list[PreparedBatch] = []
+    gathered = PendingParts(batch_stages, batch_bytes)
 
     def commit_gathered() -> None:
         if gathered:
-            loader.commit(merge_batches(gathered))
-            gathered.clear()
+            loader.commit(gathered.take())
             loader.done = loader.run.calls_requested = len(loader.run.tally)
             loader.reporter.progress(_snapshot(loader, None, None))
 
@@ -596,10 +595,10 @@ def _replay_into(
         if part is None:
             result.reader_peak_rss_kb = (result.reader_peak_rss_kb or 0) + (message.peak_rss_kb or 0)
         else:
-            if gathered and sum(p.nbytes for p in gathered) + part.nbytes > batch_bytes:
+            if not gathered.fits(part):
                 commit_gathered()
-            gathered.append(part)
-            if sum(p.stages for p in gathered) >= batch_stages or sum(p.nbytes for p in gathered) >= batch_bytes:
+            gathered.add(part)
+            if gathered.full():
                 commit_gathered()
         if guard.signum is not None:
             break

@@ -584,6 +584,7 @@ class _StreamedFile:
         self.path = path
         self.key = key_column(table.name)
         self.options = _write_options(table.column_names, fresh)
+        self.row_group_size = self.options.pop("row_group_size")
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.Table] = []
         self._pending_bytes = self._pending_rows = 0
@@ -617,12 +618,10 @@ class _StreamedFile:
             return
         rows = pa.concat_tables(self._pending)
         self._pending, self._pending_bytes, self._pending_rows = [], 0, 0
-        options = dict(self.options)
-        row_group_size = options.pop("row_group_size")
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, rows.schema, **options)
-        self._writer.write_table(rows, row_group_size=row_group_size)
+            self._writer = pq.ParquetWriter(self.path, rows.schema, **self.options)
+        self._writer.write_table(rows, row_group_size=self.row_group_size)
 
 
 @dataclass
