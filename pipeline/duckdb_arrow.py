@@ -1,9 +1,20 @@
-"""A DuckDB result as an Arrow table, on every supported DuckDB version."""
+"""DuckDB helpers shared by the outputs that use it: results as Arrow tables on every
+supported DuckDB version, and which of its errors are failures of the storage."""
 
 from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+
+#: OSError and DuckDB's failures of the storage itself (I/O, transactions, memory, permissions).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    duckdb.IOException,
+    duckdb.TransactionException,
+    duckdb.OutOfMemoryException,
+    duckdb.FatalException,
+    duckdb.PermissionException,
+)
 
 
 def to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:

@@ -20,11 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.duckdb_arrow import to_arrow
 from pipeline import schema
 from pipeline.errors import AuthError, UnreachableError
 from pipeline.records import CallOutcome, RunRecord, rfc3339, utcnow
@@ -188,33 +186,24 @@ def outcomes_table(outcomes: Sequence[CallOutcome], run_id: str) -> pa.Table:
     )
 
 
-#: Merges the batch (``batch_outcomes``) with the calls' existing etl_calls rows (``previous``).
-MERGE_ETL_CALLS_SQL = """
-SELECT
-  o.call_id::UUID AS call_id,
-  o.status,
-  CASE WHEN o.status = 'failed' THEN p.stage_count ELSE o.stage_count END AS stage_count,
-  COALESCE(p.attempts, 0) + 1 AS attempts,
-  o.last_run_id,
-  o.attempted_at AS last_attempt_at,
-  CASE WHEN o.status = 'failed' THEN p.last_success_at ELSE o.attempted_at END AS last_success_at,
-  o.error
-FROM batch_outcomes o
-LEFT JOIN previous p ON p.call_id = o.call_id::UUID
-"""
-
-
-def merged_etl_calls(con: duckdb.DuckDBPyConnection, batch: pa.Table, previous: pa.Table) -> pa.Table:
-    """The new etl_calls rows of the batch, merged in memory on ``con`` (``previous``: stored rows, Arrow)."""
-    con.register("batch_outcomes", batch)
-    con.register("previous_rows", previous)
-    try:
-        rel = con.sql(f"WITH previous AS (SELECT * REPLACE (call_id::UUID AS call_id) FROM previous_rows) {MERGE_ETL_CALLS_SQL}")
-        merged = to_arrow(rel)
-    finally:
-        con.unregister("batch_outcomes")
-        con.unregister("previous_rows")
-    return merged.select(schema.ETL_CALLS.column_names).cast(schema.ETL_CALLS.arrow_schema)
+def merged_etl_calls(batch: pa.Table, previous: pa.Table) -> pa.Table:
+    """The batch's etl_calls rows (:func:`outcomes_table`) merged with the calls' stored
+    rows (``previous``, at most one per call)."""
+    call_ids = pc.utf8_lower(pc.utf8_trim_whitespace(batch["call_id"]))
+    previous = previous.select(schema.ETL_CALLS.column_names).cast(schema.ETL_CALLS.arrow_schema)
+    stored = previous.take(pc.index_in(call_ids, value_set=pc.utf8_lower(previous["call_id"])))
+    failed = pc.equal(batch["status"], "failed")
+    merged = {
+        "call_id": call_ids,
+        "status": batch["status"],
+        "stage_count": pc.if_else(failed, stored["stage_count"], batch["stage_count"]),
+        "attempts": pc.add(pc.coalesce(stored["attempts"], pa.scalar(0, pa.int32())), pa.scalar(1, pa.int32())),
+        "last_run_id": batch["last_run_id"],
+        "last_attempt_at": batch["attempted_at"],
+        "last_success_at": pc.if_else(failed, stored["last_success_at"], batch["attempted_at"]),
+        "error": batch["error"],
+    }
+    return pa.table(merged).cast(schema.ETL_CALLS.arrow_schema)
 
 
 # -- etl_state

@@ -7,7 +7,6 @@ import json
 import typing
 from datetime import datetime, timedelta, timezone
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -162,15 +161,12 @@ def test_health_is_the_most_recent_finished_run_and_ghosts_are_crashed():
 def test_the_etl_calls_merge_counts_attempts_and_keeps_what_a_failure_cannot_know():
     earlier = NOW - timedelta(days=1)
     first = ledger.outcomes_table([CallOutcome(C1, "loaded", 4, None, earlier), CallOutcome(C2, "not_found", 0, None, earlier)], "r1")
-    con = duckdb.connect()
-    try:
-        stored = ledger.merged_etl_calls(con, first, schema.ETL_CALLS.arrow_schema.empty_table())
-        again = ledger.outcomes_table(
-            [CallOutcome(C1.upper(), "failed", None, "HTTP 500", NOW), CallOutcome(C3, "failed", None, "timeout", NOW)], "r2"
-        )
-        merged = ledger.merged_etl_calls(con, again, stored.filter(pc.equal(stored["call_id"], C1)))
-    finally:
-        con.close()
+    stored = ledger.merged_etl_calls(first, schema.ETL_CALLS.arrow_schema.empty_table())
+    again = ledger.outcomes_table(
+        [CallOutcome(C1.upper(), "failed", None, "HTTP 500", NOW), CallOutcome(C3, "failed", None, "timeout", NOW),
+         CallOutcome(C2, "loaded", 7, None, NOW)], "r2"
+    )
+    merged = ledger.merged_etl_calls(again, stored.filter(pc.not_equal(stored["call_id"], C3)))
     assert merged.schema.equals(schema.ETL_CALLS.arrow_schema)
     rows = {r["call_id"].lower(): r for r in merged.to_pylist()}
     assert rows[C1] | {"call_id": C1} == {
@@ -178,6 +174,8 @@ def test_the_etl_calls_merge_counts_attempts_and_keeps_what_a_failure_cannot_kno
         "last_attempt_at": NOW, "last_success_at": earlier, "error": "HTTP 500",
     }
     assert (rows[C3]["attempts"], rows[C3]["stage_count"], rows[C3]["last_success_at"]) == (1, None, None)
+    assert (rows[C2]["status"], rows[C2]["stage_count"], rows[C2]["attempts"], rows[C2]["last_success_at"]) == ("loaded", 7, 2, NOW)
+    assert [r["call_id"] for r in merged.to_pylist()] == [C1, C3, C2]  # canonical ids, in the batch's order
 
 
 def test_the_watermark_row_is_rfc3339_text():

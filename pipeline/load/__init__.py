@@ -35,10 +35,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Not bare `duckdb`: the submodule pipeline.load.duckdb takes that name in this namespace.
-import duckdb as duckdb_lib
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -47,16 +45,8 @@ from pipeline.errors import OutputError, StagesError, WarehouseError
 from pipeline.lock import OutputLock
 from pipeline.records import CallOutcome, RunRecord
 
-
-#: Failures of the storage itself (disk, permissions, memory); anything else is a bug and stays itself.
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    duckdb_lib.IOException,
-    duckdb_lib.TransactionException,
-    duckdb_lib.OutOfMemoryException,
-    duckdb_lib.FatalException,
-    duckdb_lib.PermissionException,
-)
+if TYPE_CHECKING:  # DuckDB is loaded only by the outputs and commands that use it
+    import duckdb
 
 
 class Warehouse(abc.ABC):
@@ -65,6 +55,8 @@ class Warehouse(abc.ABC):
     backend call :meth:`_after_open` once the lock is held and the tables exist."""
 
     format: str = ""
+    #: Failures of the storage itself (disk, permissions, memory); anything else is a bug and stays itself.
+    storage_errors: tuple[type[BaseException], ...] = (OSError,)
     _lock: OutputLock
 
     def __init__(
@@ -185,7 +177,7 @@ class Warehouse(abc.ABC):
             yield
         except StagesError:
             raise
-        except STORAGE_ERRORS as exc:
+        except self.storage_errors as exc:
             raise self._write_failure(exc) from exc
 
     def _write_failure(self, exc: BaseException) -> WarehouseError:
@@ -340,7 +332,7 @@ def lock_file(fmt: str, location: str | Path) -> Path | None:
     return None
 
 
-def query_connection(fmt: str, path: Path) -> duckdb_lib.DuckDBPyConnection:
+def query_connection(fmt: str, path: Path) -> duckdb.DuckDBPyConnection:
     """A read-only DuckDB connection exposing the tables by name (reports, status)."""
     if fmt == "duckdb":
         from pipeline.load.duckdb import connect_read_only

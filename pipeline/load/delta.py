@@ -77,7 +77,7 @@ os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from pipeline.duckdb_arrow import to_arrow
+from pipeline.duckdb_arrow import STORAGE_ERRORS, to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError, WarehouseError
 from pipeline.ledger import merged_etl_calls, outcomes_table
@@ -570,6 +570,7 @@ class DeltaWarehouse(Warehouse):
     """The Delta Lake warehouse (local folder or ``s3://bucket/prefix``)."""
 
     format = "delta"
+    storage_errors = STORAGE_ERRORS  # its scans run in DuckDB
 
     def __init__(
         self,
@@ -823,8 +824,7 @@ class DeltaWarehouse(Warehouse):
         with self._delta_writing():
             try:
                 self._replace_data(rows, known, number)
-                assert self._con is not None, "warehouse not open"
-                merged = merged_etl_calls(self._con, batch, previous)
+                merged = merged_etl_calls(batch, previous)
                 self._merge_upsert("etl_calls", merged, "call_id", number)
                 self._index_batch(replaced, rows["call_stages"])
             except BaseException as exc:

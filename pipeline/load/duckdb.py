@@ -23,11 +23,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.duckdb_arrow import to_arrow
+from pipeline.duckdb_arrow import STORAGE_ERRORS, to_arrow
 from pipeline import schema
 from pipeline.errors import OutputError
-from pipeline.ledger import MERGE_ETL_CALLS_SQL, outcomes_table
-from pipeline.load import STORAGE_ERRORS, Warehouse, check_local_output, deleted_table, open_failure
+from pipeline.ledger import merged_etl_calls, outcomes_table
+from pipeline.load import Warehouse, check_local_output, deleted_table, open_failure
 from pipeline.lock import OutputLock, read_lock
 from pipeline.records import CallOutcome
 
@@ -106,6 +106,7 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 class DuckDBWarehouse(Warehouse):
     format = "duckdb"
+    storage_errors = STORAGE_ERRORS
 
     def __init__(
         self,
@@ -168,7 +169,7 @@ class DuckDBWarehouse(Warehouse):
     def close(self) -> None:
         try:
             self._close_connection()
-        except STORAGE_ERRORS as exc:  # the closing checkpoint writes too
+        except self.storage_errors as exc:  # the closing checkpoint writes too
             raise self._write_failure(exc) from exc
         finally:
             self._lock.release()
@@ -259,7 +260,7 @@ class DuckDBWarehouse(Warehouse):
 
     def _insert_batch(self, tables: Mapping[str, pa.Table], outcomes: Sequence[CallOutcome], run_id: str) -> None:
         con = self.con
-        batch_outcomes = outcomes_table(outcomes, run_id)  # noqa: F841 (read by SQL)
+        batch_outcomes = outcomes_table(outcomes, run_id)
         con.register("batch_outcomes", batch_outcomes)
         con.begin()
         try:
@@ -274,12 +275,13 @@ class DuckDBWarehouse(Warehouse):
                     con.register("batch_rows", _json_typed(rows, table))
                     con.execute(f"INSERT INTO {table.name} BY NAME SELECT * FROM batch_rows")
                     con.unregister("batch_rows")
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE previous AS SELECT * FROM etl_calls "
+            previous = to_arrow(con.sql(
+                "SELECT * REPLACE (call_id::VARCHAR AS call_id) FROM etl_calls "
                 "WHERE call_id IN (SELECT call_id::UUID FROM batch_outcomes)"
-            )
-            con.execute(f"INSERT OR REPLACE INTO etl_calls {MERGE_ETL_CALLS_SQL}")
-            con.execute("DROP TABLE previous")
+            ))
+            con.register("merged_calls", merged_etl_calls(batch_outcomes, previous))
+            con.execute("INSERT OR REPLACE INTO etl_calls BY NAME SELECT * FROM merged_calls")
+            con.unregister("merged_calls")
             con.commit()
         except BaseException:
             _rollback_quietly(con)

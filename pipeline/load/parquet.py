@@ -94,9 +94,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -107,6 +106,9 @@ from pipeline.ledger import merged_etl_calls, outcomes_table
 from pipeline.load import Warehouse, check_local_output, deleted_table, open_failure
 from pipeline.lock import OutputLock
 from pipeline.records import CallOutcome
+
+if TYPE_CHECKING:
+    import duckdb
 
 MARKER = "_ultravox_stages.json"
 STAGING = "_staging"
@@ -856,7 +858,6 @@ class ParquetWarehouse(Warehouse):
         self._owners: StageOwners | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._io_pool: ThreadPoolExecutor | None = None
-        self._con: duckdb.DuckDBPyConnection | None = None
 
     @property
     def index(self) -> FileIndex:
@@ -880,7 +881,6 @@ class ParquetWarehouse(Warehouse):
             self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
             # fsyncs wait on the disk, not the CPU: many at once let the file system batch them.
             self._io_pool = ThreadPoolExecutor(max_workers=IO_THREADS)
-            self._con = duckdb.connect(config={"memory_limit": "64MB"})
             self._after_open()
         except BaseException:
             self.close()
@@ -891,9 +891,6 @@ class ParquetWarehouse(Warehouse):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._pool = self._io_pool = None
-        if self._con is not None:
-            self._con.close()
-            self._con = None
         self._index = None
         self._owners = None
         self._lock.release()
@@ -962,8 +959,7 @@ class ParquetWarehouse(Warehouse):
                 tx.replace(table, replaced, groups[table.name])
             all_ids = batch["call_id"].combine_chunks()
             previous = tx.rows_with_keys(schema.ETL_CALLS, all_ids)
-            assert self._con is not None, "warehouse not open"
-            merged = merged_etl_calls(self._con, batch, previous)
+            merged = merged_etl_calls(batch, previous)
             tx.replace(schema.ETL_CALLS, all_ids, split_by_partition(merged, schema.ETL_CALLS.name, None, None))
 
         owners, self._owners = self._owners, None  # unknown until this commit is through
@@ -1060,6 +1056,8 @@ def view_sql(path: Path, table: schema.Table) -> str:
 
 def connect_views(path: Path) -> duckdb.DuckDBPyConnection:
     """In-memory DuckDB with one view per table, typed like the DuckDB output."""
+    import duckdb  # not at the top: writing a Parquet folder needs no DuckDB
+
     check_output_folder(path, must_exist=True)
     _heal_if_idle(path)
     con = duckdb.connect()
