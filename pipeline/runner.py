@@ -40,8 +40,8 @@ from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcn
 FLUSH_EVERY_SECONDS = 5.0
 #: A replay reader sends batches in parts of at most this many stages and page bytes
 #: (its memory holds one part; the committing process gathers parts into a batch).
-READER_PART_STAGES = 1000
-READER_PART_BYTES = 1536 << 10
+READER_PART_STAGES = 500
+READER_PART_BYTES = 768 << 10
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
