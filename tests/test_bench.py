@@ -19,7 +19,7 @@ LABELS = {
     "extraction": ("extract 40 calls", "end to end"),
     "replay": ("replay 500 stages → duckdb", "replay 2,000 stages → parquet", "floor: gunzip + decoding the lines only",
                "floor: reading + transforming", "floor: DuckDB warehouse", "floor: pyarrow writing",
-               "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb"),
+               "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS"),
     "exports": ("export 300 calls", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
                 "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"),
 }
@@ -44,8 +44,6 @@ def test_bench_smoke_rows_are_sane(tmp_path: Path, part: str) -> None:
             assert 20 < row["rss_mb"] < 4096, what
         if "reader_rss_mb" in row:  # replay's reader process was there and measured
             assert 20 < row["reader_rss_mb"] < 4096, what
-        if "together_mb" in row:  # both processes sampled together: no more than their peaks added up
-            assert 20 < row["together_mb"] <= row["rss_mb"] + row["reader_rss_mb"] + 2, what
 
 
 def test_replay_cpu_measures_one_replay_with_both_processes(tmp_path: Path) -> None:
