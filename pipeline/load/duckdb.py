@@ -41,7 +41,7 @@ PINNED_STRING_BYTES = 32 << 10
 #: Storage format of new files: the oldest DuckDB supported, so every 1.x reader from it on opens them.
 STORAGE_VERSION = "v1.2.0"
 #: The memory limit set for a moment after each commit, to make DuckDB release what it freed.
-RELEASE_TO_BYTES = 32 << 20
+RELEASE_TO_BYTES = 8 << 20
 #: Non-spillable memory of a commit, in batch Arrow bytes (rows, DuckDB's copy, the WAL buffer).
 BATCH_MEMORY_FACTOR = 4
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
