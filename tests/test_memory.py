@@ -59,3 +59,27 @@ def test_arrows_own_allocations_use_the_system_allocator_and_the_replay_reader_k
     with ReplayReader(tmp_path, 10, 1 << 20, "run-x") as reader:  # waits for its go: its environment is set
         environ = (Path("/proc") / str(reader._process.pid) / "environ").read_bytes().split(b"\0")
     assert b"ARROW_DEFAULT_MEMORY_POOL=mimalloc" in environ
+
+
+def test_writing_a_parquet_folder_loads_no_duckdb(tmp_path) -> None:
+    """DuckDB costs a Parquet replay's committing process about 45 MB loaded and
+    connected; the Parquet output merges etl_calls in pyarrow instead."""
+    import subprocess
+
+    from pipeline.sandbox import SyntheticData, write_landing_zone
+
+    data = SyntheticData(n_calls=20, seed=4)
+    write_landing_zone(tmp_path / "raw", ((c, data.stages_for(c)) for c in data.call_ids))
+    probe = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from pipeline.cli import cli\n"
+        "for _ in range(2):  # the second replay replaces every call: etl_calls rows are merged\n"
+        f"    done = CliRunner().invoke(cli, ['replay', {str(tmp_path / 'raw')!r}, '--format', 'parquet',"
+        f" '--output', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
+        "    assert done.exit_code == 0, done.output\n"
+        "print('duckdb' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
