@@ -608,8 +608,7 @@ class _StreamedFile:
         if self._writer is None:
             return None
         self._writer.close()
-        keys = pa.chunked_array(self._keys, pa.string()).combine_chunks()
-        return pc.unique(keys)
+        return pc.unique(pa.chunked_array(self._keys, pa.string()))
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -645,7 +644,6 @@ class FileJob:
     def build(self, io_pool: ThreadPoolExecutor) -> tuple[pa.Array, int, Future[None]] | None:
         """Write the file and queue its fsync; return its distinct keys, its size and
         the fsync (None when no row is left)."""
-        key = key_column(self.table.name)
         out = _StreamedFile(self.staged, self.table, fresh=not self.sources)
         try:
             for path, drop in self.sources:
@@ -653,7 +651,7 @@ class FileJob:
                     for batch in source.iter_batches(batch_size=MERGE_READ_ROWS):
                         rows = _conform(pa.Table.from_batches([batch]), self.table)
                         if drop is not None:
-                            rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=drop)))
+                            rows = rows.filter(pc.invert(pc.is_in(rows[out.key], value_set=drop)))
                         out.add(rows)
             if self.rows is not None:
                 out.add(self.rows)
