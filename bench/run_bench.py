@@ -29,7 +29,11 @@ from pipeline.runner import run_export  # noqa: E402
 from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData  # noqa: E402
 from pipeline.sandbox import write_landing_zone as land_calls  # noqa: E402
 
+from memcg import MemoryCgroup, drop_page_cache  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 KEY = "bench-key"
+#: The memory target of a replay: both processes and their page cache, in one cgroup.
+REPLAY_LIMIT_MB = 300
 
 
 def extraction_near_limit(calls: int, latency_ms: float, limit_rps: float, concurrency: int,
@@ -207,13 +211,47 @@ print(parse, transform, duck, parquet)
 """
 
 
-def replay_throughput(label: str, fmt: str, landing: Path, tmp: Path) -> tuple[int, float, int, int]:
-    """(stages, seconds, peak RSS MB of the committing process, of the reader process)."""
+def replay_throughput(
+    label: str, fmt: str, landing: Path, tmp: Path, group: MemoryCgroup | None = None, timeout: float | None = None
+) -> tuple[int, float, int, int]:
+    """(stages, seconds, peak RSS MB of the committing process, of the reader process);
+    run inside ``group`` if given."""
     out = tmp / (f"replay-{label}.duckdb" if fmt == "duckdb" else f"replay-{label}-parquet")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, fmt, str(landing), str(out)],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, fmt, str(landing), str(out)], capture_output=True, text=True,
+                          check=True, cwd=ROOT, timeout=timeout, preexec_fn=None if group is None else group.join)
     stages, seconds, rss_mb, reader_mb = proc.stdout.split()
     return int(stages), float(seconds), int(rss_mb), int(reader_mb)
+
+
+def replay_in_memory_limit(label: str, fmt: str, landing: Path, tmp: Path, limit_mb: int = REPLAY_LIMIT_MB) -> dict[str, object]:
+    """The replay in a memory cgroup of ``limit_mb`` (both processes and their page cache,
+    each page once) against the same replay in a cgroup without a limit; each starts
+    with the page cache dropped, so both read their libraries from disk alike."""
+    what = f"replay {int(label):,} stages → {fmt} in a {limit_mb} MB memory cgroup (both processes, page cache included)"
+    runs: dict[int | None, tuple[float, int, int]] = {}
+    timeout: float | None = None
+    for limit in (None, limit_mb):
+        group = MemoryCgroup.create(f"ultravox-bench-{os.getpid()}", None if limit is None else limit << 20)
+        if group is None:
+            return {"what": what, "figure": "not measured: no memory cgroup can be made here (root and a memory controller)",
+                    "target": "(needs root)", "ok": None}
+        dropped = drop_page_cache()
+        try:
+            stages, seconds, _, _ = replay_throughput(f"{label}-cgroup-{limit}", fmt, landing, tmp, group, timeout)
+            runs[limit] = seconds, group.peak_bytes() >> 20, group.oom_kills()
+        except subprocess.TimeoutExpired:
+            return {"what": what, "figure": f"not done in {timeout:.0f}s (thrashing)", "target": "finishes, ≤ 1.25× the time", "ok": False}
+        except subprocess.CalledProcessError as exc:
+            return {"what": what, "figure": f"failed (exit {exc.returncode}), {group.oom_kills()} OOM kills",
+                    "target": "finishes, ≤ 1.25× the time", "ok": False}
+        finally:
+            group.remove()
+        timeout = 20 * seconds + 60
+    (free, free_peak, _), (limited, peak, kills) = runs[None], runs[limit_mb]
+    figure = (f"{limited:.2f}s vs {free:.2f}s without a limit ({limited / free:.2f}×; that one peaked at {free_peak} MB), "
+              f"peak {peak} MB, {kills} OOM kills" + ("" if dropped else " (page cache not dropped first)"))
+    return {"what": what, "figure": figure, "target": "finishes, ≤ 1.25× the time", "ok": kills == 0 and limited <= 1.25 * free,
+            "stages": stages, "expected_stages": int(label), "seconds": limited}
 
 
 def dlt_throughput(landing: Path, tmp: Path, label: str) -> tuple[int, float, int] | None:
@@ -358,6 +396,8 @@ def replay_rows(small: bool, tmp: Path) -> list[dict[str, object]]:
                 "reader_rss_mb": reader_rss,
                 "seconds": seconds,
             })
+            if n_stages == sizes[-1]:
+                rows.append(replay_in_memory_limit(str(n_stages), fmt, landing, tmp))
     rows.extend(floors(landing, tmp, sizes[-1]))
     for fmt, (low, high) in peaks.items():
         rows.append(_growth(f"replay → {fmt} (both processes)", sizes, low, high))

@@ -5,6 +5,7 @@ full run, `python bench/run_bench.py`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ LABELS = {
     "extraction": ("extract 40 calls", "end to end"),
     "replay": ("replay 500 stages → duckdb", "replay 2,000 stages → parquet", "floor: gunzip + decoding the lines only",
                "floor: reading + transforming", "floor: DuckDB warehouse", "floor: pyarrow writing",
-               "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS"),
+               "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS",
+               "stages → duckdb in a 300 MB memory cgroup", "stages → parquet in a 300 MB memory cgroup"),
     "exports": ("export 300 calls", "memory growth, export", "100 KB prompts, 1% 1 MB) → duckdb",
                 "100 KB prompts, 1% 1 MB) → parquet", "100 KB prompts, 1% 1 MB) → delta"),
 }
@@ -59,3 +61,57 @@ def test_replay_cpu_measures_one_replay_with_both_processes(tmp_path: Path) -> N
     assert line.startswith(f"parquet {{'replay_batch_stages': 20}} {stages} stages: wall "), line
     committing, reader = (int(mb) for mb in line.removesuffix(" MB").split("peak RSS ")[1].split(" + reader "))
     assert 30 < committing < 1000 and 20 < reader < 1000
+
+
+def _memcg():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memcg
+
+    return memcg
+
+
+def test_memory_hierarchy_finds_the_v1_and_the_v2_memory_cgroup(tmp_path: Path) -> None:
+    memcg = _memcg()
+    v1_mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+    assert memcg.memory_hierarchy(v1_mounts, "5:devices:/\n4:memory:/jobs/abc\n0::/\n") == (Path("/sys/fs/cgroup/memory/jobs/abc"), 1)
+    own = tmp_path / "user.slice"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("cpu io memory pids\n")
+    assert memcg.memory_hierarchy(f"cgroup2 {tmp_path} cgroup2 rw 0 0\n", "0::/user.slice\n") == (own, 2)
+    (own / "cgroup.controllers").write_text("cpu io pids\n")
+    assert memcg.memory_hierarchy(f"cgroup2 {tmp_path} cgroup2 rw 0 0\n", "0::/user.slice\n") is None
+    assert memcg.memory_hierarchy("proc /proc proc rw 0 0\n", "0::/\n") is None
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_memory_cgroup_writes_its_limit_and_reads_peak_and_oom_kills(tmp_path: Path, version: int) -> None:
+    memcg = _memcg()
+    files = memcg._V1_FILES if version == 1 else memcg._V2_FILES
+    group = memcg.MemoryCgroup.create("measured", 300 << 20, (tmp_path, version))
+    assert group is not None
+    assert (tmp_path / "measured" / files["limit"]).read_text() == str(300 << 20)
+    (tmp_path / "measured" / files["peak"]).write_text(f"{123 << 20}\n")
+    events = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n" if version == 1 else "low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\n"
+    (tmp_path / "measured" / files["events"]).write_text(events)
+    assert group.peak_bytes() == 123 << 20 and group.oom_kills() == 2
+    assert memcg.MemoryCgroup.create("x", 1, (tmp_path / "missing", version)) is None
+
+
+def test_a_real_memory_cgroup_charges_a_child_and_kills_it_past_the_limit() -> None:
+    memcg = _memcg()
+    hog = [sys.executable, "-c", "b = bytearray(120 << 20); b[::4096] = b'x' * len(b[::4096])"]
+    roomy = memcg.MemoryCgroup.create(f"ultravox-test-{os.getpid()}-roomy", 400 << 20)
+    if roomy is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
+    try:
+        assert subprocess.run(hog, preexec_fn=roomy.join).returncode == 0
+        assert roomy.peak_bytes() >= 120 << 20 and roomy.oom_kills() == 0
+    finally:
+        roomy.remove()
+    tight = memcg.MemoryCgroup.create(f"ultravox-test-{os.getpid()}-tight", 60 << 20)
+    assert tight is not None
+    try:
+        assert subprocess.run(hog, preexec_fn=tight.join).returncode == -9
+        assert tight.oom_kills() >= 1
+    finally:
+        tight.remove()
