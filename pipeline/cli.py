@@ -10,19 +10,20 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pipeline import __version__
 from pipeline.calls_input import read_call_ids
 from pipeline.config import DEFAULT_OUTPUTS, FORMATS, Settings, api_key_from_env, load_settings, read_config_file
-from pipeline.discover import Discovery, parse_day
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_WAREHOUSE, InputError, StagesError, UsageError, register_secret, scrub
-from pipeline.http import check_api_key, check_base_url
 from pipeline.log import Reporter
 from pipeline.runner import RunInterrupted, RunResult, run_export, run_replay
-from pipeline.sandbox import HOSTILE_KINDS
+from pipeline.sandbox.hostile import HOSTILE_KINDS
+
+if TYPE_CHECKING:
+    from pipeline.discover import Discovery
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -230,6 +231,8 @@ def run(
       ULTRAVOX_API_KEY=... ultravox-stages run --calls-file ids.txt --output stages.duckdb
       ULTRAVOX_API_KEY=... ultravox-stages run --incremental --format parquet --output lake/
     """
+    from pipeline.http import check_base_url  # the HTTP stack only for commands that fetch
+
     settings = _settings(config_file, calls_file=calls_file, **cli_settings)
     check_base_url(settings.base_url, settings.allow_insecure_http)
     ids = read_call_ids(settings.calls_file, call_ids)
@@ -255,6 +258,8 @@ def _discovery(since: str | None, until: str | None, settings: Settings) -> Disc
         return None
     if until and not (since or settings.incremental):
         raise InputError("--until needs --since or --incremental")
+    from pipeline.discover import Discovery, parse_day
+
     return Discovery(
         since=parse_day("--since", since),
         until=parse_day("--until", until),
@@ -265,6 +270,8 @@ def _discovery(since: str | None, until: str | None, settings: Settings) -> Disc
 
 
 def _api_key(settings: Settings) -> str:
+    from pipeline.http import check_api_key
+
     api_key = api_key_from_env(settings)
     register_secret(api_key)
     check_api_key(api_key, settings.api_key_env)  # before any request: a key that cannot be sent is exit 2

@@ -51,7 +51,7 @@ from pipeline.http import (
 )
 from pipeline.pagination import NextLinkPaginator
 from pipeline.rate import AdaptiveRate, InFlightLimit
-from pipeline.records import CallFetch, utcnow
+from pipeline.records import CallFetch, ExtractStats, utcnow
 
 #: Errors that end the run rather than the call: never turned into a failed call.
 RUN_LEVEL = (AuthError, UnreachableError)
@@ -74,14 +74,6 @@ class RetryBudgetSpent(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.fetch.retries >= self.budget
-
-
-@dataclass
-class ExtractStats:
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-    answered: int = 0  # responses received at all (any status)
 
 
 @dataclass

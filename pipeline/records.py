@@ -132,3 +132,13 @@ class RunRecord:
 
     def count(self, outcome: CallOutcome) -> None:
         self.tally.count(self, outcome)
+
+
+@dataclass
+class ExtractStats:
+    """Requests one extraction (or listing) sent, retried, saw throttled and got answered."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    answered: int = 0  # responses received at all (any status)

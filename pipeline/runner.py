@@ -21,20 +21,21 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline import __version__, ledger, schema
 from pipeline.config import Settings
-from pipeline.discover import Discovered, Discovery, discover, parse_watermark
 from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
-from pipeline.extract import ExtractStats, extract_calls
 from pipeline.batch import PendingCalls, PendingParts, PreparedBatch, prepare_batch
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import REPLAY_MMAP_THRESHOLD_BYTES, release_free_memory, use_system_allocator
 from pipeline.raw import BadLine, RawWriter, Share, heal_partial_files
 from pipeline.replay_reader import ReplayReader, received
-from pipeline.records import CallFetch, CallOutcome, RunRecord, new_run_id, utcnow
+from pipeline.records import CallFetch, CallOutcome, ExtractStats, RunRecord, new_run_id, utcnow
+
+if TYPE_CHECKING:
+    from pipeline.discover import Discovered, Discovery
 
 #: A batch is committed at least this often, so a slow run keeps progress that survives a crash.
 FLUSH_EVERY_SECONDS = 5.0
@@ -395,6 +396,8 @@ def _discover(
     statuses: dict[str, str],
 ) -> Discovered:
     """List calls (and deleted calls), store them in `calls`, settle deleted ones."""
+    from pipeline.discover import discover, parse_watermark
+
     watermark = parse_watermark(warehouse.read_state(ledger.WATERMARK_KEY)) if discovery.incremental else None
     found = discover(settings, api_key or "", discovery, watermark, run.run_id)
     assert found.calls_rows is not None
@@ -441,6 +444,8 @@ async def _extract_into(
     result: RunResult,
     guard: StopSignals,
 ) -> None:
+    from pipeline.extract import extract_calls
+
     queue: asyncio.Queue[CallFetch | None] = asyncio.Queue(maxsize=settings.concurrency * 8)
     total = len(call_ids)
 

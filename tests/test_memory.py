@@ -61,9 +61,10 @@ def test_arrows_own_allocations_use_the_system_allocator_and_the_replay_reader_k
     assert b"ARROW_DEFAULT_MEMORY_POOL=mimalloc" in environ
 
 
-def test_writing_a_parquet_folder_loads_no_duckdb(tmp_path) -> None:
+def test_replaying_into_a_parquet_folder_loads_no_duckdb_and_no_http_stack(tmp_path) -> None:
     """DuckDB costs a Parquet replay's committing process about 45 MB loaded and
-    connected; the Parquet output merges etl_calls in pyarrow instead."""
+    connected (the Parquet output merges etl_calls in pyarrow instead); the HTTP stack
+    (httpx, the simulated API, discovery) about 9 MB, and a replay fetches nothing."""
     import subprocess
 
     from pipeline.sandbox import SyntheticData, write_landing_zone
@@ -78,8 +79,8 @@ def test_writing_a_parquet_folder_loads_no_duckdb(tmp_path) -> None:
         f"    done = CliRunner().invoke(cli, ['replay', {str(tmp_path / 'raw')!r}, '--format', 'parquet',"
         f" '--output', {str(tmp_path / 'out')!r}, '--no-progress'])\n"
         "    assert done.exit_code == 0, done.output\n"
-        "print('duckdb' in sys.modules)\n"
+        "print(sorted(m for m in ('duckdb', 'httpx', 'pipeline.sandbox.app', 'pipeline.discover') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert done.stdout.strip().splitlines()[-1] == "[]"

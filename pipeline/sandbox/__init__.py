@@ -16,24 +16,26 @@ Fault injection is deterministic per URL and attempt, not per arrival order; the
 a hostile mode picks depend on ``fault_seed`` and the call id alone.
 """
 
-from pipeline.sandbox.app import (
-    FAULT_KINDS,
-    HOSTILE_KIND_DOCS,
-    HOSTILE_KINDS,
-    PLANTED_SECRET_PREFIX,
-    PageHook,
-    Reply,
-    SandboxApp,
-    SandboxOptions,
-    SandboxStats,
-    planted_secrets,
-)
-from pipeline.sandbox.data import SyntheticData, write_call_ids, write_landing_zone
-from pipeline.sandbox.server import Sandbox, SandboxProcess, serve
+from __future__ import annotations
 
-__all__ = [
-    "FAULT_KINDS", "HOSTILE_KINDS", "HOSTILE_KIND_DOCS", "PLANTED_SECRET_PREFIX", "PageHook", "Reply", "Sandbox",
-    "SandboxApp", "SandboxOptions", "SandboxProcess", "SandboxStats", "SyntheticData", "planted_secrets", "serve",
-    "write_call_ids",
-    "write_landing_zone",
-]
+import importlib
+from typing import Any
+
+# Names → the module defining them, loaded on first use: `replay` and the CLI's option
+# lists need no HTTP stack.
+_WHERE = {
+    "FAULT_KINDS": "hostile", "HOSTILE_KINDS": "hostile", "HOSTILE_KIND_DOCS": "hostile",
+    "PLANTED_SECRET_PREFIX": "app", "PageHook": "app", "Reply": "app", "SandboxApp": "app", "SandboxOptions": "app",
+    "SandboxStats": "app", "planted_secrets": "app",
+    "SyntheticData": "data", "write_call_ids": "data", "write_landing_zone": "data",
+    "Sandbox": "server", "SandboxProcess": "server", "serve": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+__all__ = sorted(_WHERE)

@@ -21,7 +21,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pipeline.sandbox.app import HOSTILE_KINDS, Reply, SandboxApp, SandboxOptions, SandboxStats
+from pipeline.sandbox.app import Reply, SandboxApp, SandboxOptions, SandboxStats
+from pipeline.sandbox.hostile import HOSTILE_KINDS
 from pipeline.sandbox.data import SyntheticData
 
 
