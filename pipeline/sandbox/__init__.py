@@ -12,6 +12,7 @@ Three layers: :mod:`~pipeline.sandbox.data` (:class:`SyntheticData`, derived fro
 faults, hostile modes and the rate limit, no I/O; ``httpx.MockTransport(app.handler)``
 serves it without a socket) and :mod:`~pipeline.sandbox.server` (:class:`Sandbox` in a
 thread, :class:`SandboxProcess` in a child process, :func:`serve` in the foreground).
+The names of its faults and hostile modes are in :mod:`~pipeline.sandbox.hostile`.
 Fault injection is deterministic per URL and attempt, not per arrival order; the calls
 a hostile mode picks depend on ``fault_seed`` and the call id alone.
 """
