@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,8 +57,13 @@ def test_arrows_own_allocations_use_the_system_allocator_and_the_replay_reader_k
     env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.split()
     assert got[1] == "jemalloc"  # a user's choice reaches the reader too
-    with ReplayReader(tmp_path, 10, 1 << 20, "run-x") as reader:  # waits for its go: its environment is set
-        environ = (Path("/proc") / str(reader._process.pid) / "environ").read_bytes().split(b"\0")
+    with ReplayReader(tmp_path, 10, 1 << 20, "run-x") as reader:  # waits for its go
+        # Popen returns once the exec has begun; the kernel fills environ a moment later.
+        for _ in range(200):
+            environ = (Path("/proc") / str(reader._process.pid) / "environ").read_bytes().split(b"\0")
+            if environ != [b""]:
+                break
+            time.sleep(0.01)
     assert b"ARROW_DEFAULT_MEMORY_POOL=mimalloc" in environ
 
 
