@@ -10,7 +10,6 @@ returns None where there is none to create, and the bench says so.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 _V1_FILES = {"limit": "memory.limit_in_bytes", "peak": "memory.max_usage_in_bytes", "events": "memory.oom_control"}
@@ -67,7 +66,8 @@ class MemoryCgroup:
             group._write("limit", str(limit_bytes) if limit_bytes is not None else "-1" if version == 1 else "max")
             if version == 1:
                 group._write("peak", "0")  # v1 keeps the peak of earlier tenants until reset
-        except OSError:
+            group.peak_bytes(), group.oom_kills()  # v2 before Linux 5.19 has no memory.peak
+        except (OSError, ValueError):
             group.remove()
             return None
         return group
@@ -100,7 +100,7 @@ class MemoryCgroup:
 def drop_page_cache() -> bool:
     """Drop clean cached pages (root only), so the measured run's library and file pages
     are charged to its own group, not to whoever read them first; False if refused."""
-    subprocess.run(["sync"], check=False)
+    os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3")
     except OSError:

@@ -87,6 +87,9 @@ def test_memory_hierarchy_finds_the_v1_and_the_v2_memory_cgroup(tmp_path: Path) 
 def test_a_memory_cgroup_writes_its_limit_and_reads_peak_and_oom_kills(tmp_path: Path, version: int) -> None:
     memcg = _memcg()
     files = memcg._V1_FILES if version == 1 else memcg._V2_FILES
+    (tmp_path / "measured").mkdir()
+    for name in files.values():  # the kernel makes these with the directory
+        (tmp_path / "measured" / name).write_text("0\n")
     group = memcg.MemoryCgroup.create("measured", 300 << 20, (tmp_path, version))
     assert group is not None
     assert (tmp_path / "measured" / files["limit"]).read_text() == str(300 << 20)
@@ -95,6 +98,18 @@ def test_a_memory_cgroup_writes_its_limit_and_reads_peak_and_oom_kills(tmp_path:
     (tmp_path / "measured" / files["events"]).write_text(events)
     assert group.peak_bytes() == 123 << 20 and group.oom_kills() == 2
     assert memcg.MemoryCgroup.create("x", 1, (tmp_path / "missing", version)) is None
+
+
+def test_a_memory_cgroup_without_a_peak_file_is_refused(tmp_path: Path) -> None:
+    """cgroup v2 before Linux 5.19 has no memory.peak: the bench must say "not measured", not crash."""
+    memcg = _memcg()
+
+    class NoPeak(memcg.MemoryCgroup):
+        def _write(self, which: str, value: str) -> None:
+            super()._write(which, value)
+            (self.path / self.files["events"]).write_text("oom_kill 0\n")
+
+    assert NoPeak.create("old-kernel", 300 << 20, (tmp_path, 2)) is None
 
 
 def test_a_real_memory_cgroup_charges_a_child_and_kills_it_past_the_limit() -> None:
