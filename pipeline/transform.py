@@ -150,10 +150,9 @@ def _strings(values: Sequence[str | None]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _utf8_column(values: Sequence[bytes | None], checked: bool = False) -> pa.Array:
+def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
     """UTF-8 bytes → a string column, built from one joined buffer (several times faster
-    than converting object by object); Arrow checks the UTF-8 of the whole column unless
-    the caller has (``checked``)."""
+    than converting object by object); Arrow checks the UTF-8 of the whole column."""
     offsets = array.array("q", [0])
     offsets.extend(itertools.accumulate(0 if v is None else len(v) for v in values))
     validity = None
@@ -162,7 +161,7 @@ def _utf8_column(values: Sequence[bytes | None], checked: bool = False) -> pa.Ar
     data = b"".join(v for v in values if v is not None)
     buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
     column = pa.Array.from_buffers(pa.large_string(), len(values), buffers)
-    column.validate(full=not checked)
+    column.validate(full=True)
     return column.cast(pa.string())
 
 

@@ -585,10 +585,10 @@ def test_a_bulk_step_failing_is_retried_call_by_call(monkeypatch) -> None:
 
     real = transform._utf8_column
 
-    def fragile(values, checked=False):
+    def fragile(values):
         if any(b"poison" in value for value in values if value):
             raise OverflowError("sk-live-123 TOP SECRET")
-        return real(values, checked)
+        return real(values)
 
     monkeypatch.setattr(transform, "_utf8_column", fragile)
     calls = [(uid(n), [simple_stage(uid(n), n, model="poison" if n == 2 else "m")]) for n in range(1, 5)]
