@@ -22,40 +22,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: name → (connection config, ATTACH options, SET statements, primary keys)
-VARIANTS: dict[str, tuple[dict[str, object], str, tuple[str, ...], bool]] = {
-    "today": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", (), True),
-    "today-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", (), True),
+#: name → (connection config, ATTACH options, SET statements); the data tables have no primary key
+VARIANTS: dict[str, tuple[dict[str, object], str, tuple[str, ...]]] = {
+    "today": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", ()),
+    "today-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", ()),
     "rg2048-zstd-64MB-1t": (
         {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
     ),
     "rg2048-zstd-64MB-2t": (
         {"memory_limit": "64MB", "threads": 2}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
     ),
     "rg4096-zstd-96MB-1t": (
         {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 4096",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
     ),
     "rg4096-zstd-96MB-2t": (
         {"memory_limit": "96MB", "threads": 2}, "ROW_GROUP_SIZE 4096",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
-    ),
-    "rg4096-zstd-128MB-2t-nopk": (
-        {"memory_limit": "128MB", "threads": 2}, "ROW_GROUP_SIZE 4096",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), False,
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
     ),
     "rg2048-zstd-96MB-1t": (
         {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), True,
+        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
     ),
     "rg2048-auto-64MB-1t": (
-        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048", ("SET preserve_insertion_order=false",), True,
+        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048", ("SET preserve_insertion_order=false",),
     ),
-    "rg2048-zstd-64MB-1t-nopk": (
+    "rg2048-fsst-64MB-1t": (
         {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"), False,
+        ("SET force_compression='fsst'", "SET preserve_insertion_order=false"),
+    ),
+    "rg2048-uncompressed-64MB-1t": (
+        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
+        ("SET force_compression='uncompressed'", "SET preserve_insertion_order=false"),
     ),
 }
 
@@ -98,7 +98,7 @@ import json, sys, time
 from pathlib import Path
 import duckdb, pyarrow as pa
 from pipeline import schema
-config, attach, sets, keys = json.loads(sys.argv[1])
+config, attach, sets = json.loads(sys.argv[1])
 work, target = Path(sys.argv[2]), sys.argv[3]
 con = duckdb.connect(config=config)
 con.execute(f"ATTACH '{target}' AS w (STORAGE_VERSION 'v1.2.0'{', ' + attach if attach else ''})")
@@ -106,8 +106,7 @@ con.execute("USE w")
 for statement in sets:
     con.execute(statement)
 for table in schema.DATA_TABLES:
-    sql = table.create_sql()
-    con.execute(sql if keys else sql[: sql.rindex(",\n  PRIMARY KEY")] + "\n)")
+    con.execute(table.create_sql())
 names = sorted({p.name.split("-", 1)[0] for p in work.glob("*.arrow")})
 stages = 0
 started = time.monotonic()
@@ -130,11 +129,11 @@ print(stages, round(seconds, 2), hwm // 1024)
 
 
 def run_variant(name: str, work: Path, out_dir: Path) -> str:
-    config, attach, sets, keys = VARIANTS[name]
+    config, attach, sets = VARIANTS[name]
     target = out_dir / f"{name}.duckdb"
     target.unlink(missing_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([config, attach, list(sets), keys]), str(work),
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([config, attach, list(sets)]), str(work),
                            str(target)], capture_output=True, text=True, cwd=ROOT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
