@@ -22,41 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: name → (connection config, ATTACH options, SET statements); the data tables have no primary key
-VARIANTS: dict[str, tuple[dict[str, object], str, tuple[str, ...]]] = {
+#: (connection config, ATTACH options, SET statements); the data tables have no primary key
+Variant = tuple[dict[str, object], str, tuple[str, ...]]
+
+
+def _tuned(row_group: int, compression: str, memory_mb: int, threads: int) -> Variant:
+    """Small row groups, a fixed compression (or DuckDB's choice: "auto"), insertion order not kept."""
+    sets = ("SET preserve_insertion_order=false",)
+    if compression != "auto":
+        sets = (f"SET force_compression='{compression}'", *sets)
+    return {"memory_limit": f"{memory_mb}MB", "threads": threads}, f"ROW_GROUP_SIZE {row_group}", sets
+
+
+VARIANTS: dict[str, Variant] = {
     "today": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", ()),
     "today-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", ()),
-    "rg2048-zstd-64MB-1t": (
-        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
-    ),
-    "rg2048-zstd-64MB-2t": (
-        {"memory_limit": "64MB", "threads": 2}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
-    ),
-    "rg4096-zstd-96MB-1t": (
-        {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 4096",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
-    ),
-    "rg4096-zstd-96MB-2t": (
-        {"memory_limit": "96MB", "threads": 2}, "ROW_GROUP_SIZE 4096",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
-    ),
-    "rg2048-zstd-96MB-1t": (
-        {"memory_limit": "96MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='zstd'", "SET preserve_insertion_order=false"),
-    ),
-    "rg2048-auto-64MB-1t": (
-        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048", ("SET preserve_insertion_order=false",),
-    ),
-    "rg2048-fsst-64MB-1t": (
-        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='fsst'", "SET preserve_insertion_order=false"),
-    ),
-    "rg2048-uncompressed-64MB-1t": (
-        {"memory_limit": "64MB", "threads": 1}, "ROW_GROUP_SIZE 2048",
-        ("SET force_compression='uncompressed'", "SET preserve_insertion_order=false"),
-    ),
+    **{f"rg{rows}-{compression}-{mb}MB-{threads}t": _tuned(rows, compression, mb, threads)
+       for rows, compression, mb, threads in (
+           (2048, "zstd", 64, 1), (2048, "zstd", 64, 2), (4096, "zstd", 96, 1), (4096, "zstd", 96, 2),
+           (2048, "zstd", 96, 1), (2048, "auto", 64, 1), (2048, "fsst", 64, 1), (2048, "uncompressed", 64, 1))},
 }
 
 
@@ -70,10 +54,10 @@ def prepare(raw_dir: Path, work: Path, batch_stages: int) -> int:
 
     work.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[str, list]] = []
-    count = batches = 0
+    count = batches = pending_stages = 0
 
     def flush() -> None:
-        nonlocal batches
+        nonlocal batches, pending_stages
         tables = transform_calls(pending, "bench", utcnow()).tables
         for name, table in tables.items():
             with pa.OSFile(str(work / f"{batches:05d}-{name}.arrow"), "wb") as sink:
@@ -81,12 +65,14 @@ def prepare(raw_dir: Path, work: Path, batch_stages: int) -> int:
                     writer.write_table(table)
         batches += 1
         pending.clear()
+        pending_stages = 0
 
     for fetch in read_landing_zone(raw_dir, lambda bad: None):
         stages = fetch.stages()
         pending.append((fetch.call_id, stages))
         count += len(stages)
-        if sum(len(s) for _, s in pending) >= batch_stages:
+        pending_stages += len(stages)
+        if pending_stages >= batch_stages:
             flush()
     if pending:
         flush()
@@ -98,10 +84,11 @@ import json, sys, time
 from pathlib import Path
 import duckdb, pyarrow as pa
 from pipeline import schema
+from pipeline.load.duckdb import STORAGE_VERSION
 config, attach, sets = json.loads(sys.argv[1])
 work, target = Path(sys.argv[2]), sys.argv[3]
 con = duckdb.connect(config=config)
-con.execute(f"ATTACH '{target}' AS w (STORAGE_VERSION 'v1.2.0'{', ' + attach if attach else ''})")
+con.execute(f"ATTACH '{target}' AS w (STORAGE_VERSION '{STORAGE_VERSION}'{', ' + attach if attach else ''})")
 con.execute("USE w")
 for statement in sets:
     con.execute(statement)

@@ -63,6 +63,24 @@ def test_replay_cpu_measures_one_replay_with_both_processes(tmp_path: Path) -> N
     assert 30 < committing < 1000 and 20 < reader < 1000
 
 
+def test_every_duckdb_settings_variant_writes_every_stage(tmp_path: Path) -> None:
+    from pipeline.sandbox import SyntheticData, write_landing_zone
+
+    data = SyntheticData(n_calls=20, seed=3)
+    write_landing_zone(tmp_path / "raw", ((c, data.stages_for(c)) for c in data.call_ids))
+    stages = sum(len(data.stages_for(c)) for c in data.call_ids)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "duckdb_settings.py"), str(tmp_path / "raw"),
+                           str(tmp_path / "work"), "--batch-stages", "15"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"prepared {stages} stages")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import duckdb_settings
+
+    assert [line.split()[0] for line in lines[1:]] == list(duckdb_settings.VARIANTS)
+    assert all(f" stages={stages} " in line for line in lines[1:]), lines
+
+
 def _memcg():
     sys.path.insert(0, str(ROOT / "bench"))
     import memcg
