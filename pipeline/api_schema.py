@@ -55,7 +55,9 @@ class Stage(Struct, gc=False):
     callStageId: str | None = None
     created: str | None = None
     model: str | None = None
-    systemPrompt: str | None = None
+    #: The prompt's JSON string token as received: checked to be text by check_prompt,
+    #: unescaped into its column in bulk (a str per prompt cost more than the rest of a stage).
+    systemPrompt: Raw = NULL
     temperature: float | None = None
     languageHint: str | None = None
     voice: str | None = None
@@ -98,6 +100,7 @@ _stage = msgspec.json.Decoder(Stage)
 _voice = msgspec.json.Decoder(ExternalVoice)
 _settings = msgspec.json.Decoder(VoiceSettings)
 _listed_call = msgspec.json.Decoder(ListedCall)
+_text = msgspec.json.Decoder(str | None)
 
 
 def decode_page(body: bytes) -> tuple[Page, list[Raw]]:
@@ -109,6 +112,17 @@ def decode_page(body: bytes) -> tuple[Page, list[Raw]]:
 def decode_stage(data: bytes | Raw) -> Stage:
     """A stage, typed; raises ``msgspec.ValidationError`` naming the field's path."""
     return _stage.decode(data)
+
+
+def check_prompt(token: Raw) -> None:
+    """Raise ``msgspec.ValidationError`` (as decode_stage would) unless a stage's
+    ``systemPrompt`` token is a string or null (msgspec has checked it is valid JSON)."""
+    if memoryview(token)[:1] == b'"' or token == NULL:
+        return
+    try:
+        _text.decode(token)
+    except msgspec.ValidationError as exc:
+        raise msgspec.ValidationError(f"{exc} - at `$.systemPrompt`") from None
 
 
 def decode_voice(data: bytes | Raw) -> ExternalVoice:

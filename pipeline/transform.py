@@ -10,7 +10,9 @@ a decoded object (from the extractor). Either way it is decoded into the declare
 :class:`pipeline.api_schema.Stage`, so type checks run in C, and ``raw`` is the
 stage's JSON bytes: as received, unless the stage holds something to redact (then it
 is redacted by pipeline.redact's rule and re-encoded). Bytes msgspec refuses (a lone
-surrogate escape, ``1e400``) are decoded by ``jsonio.loads`` and re-encoded instead.
+surrogate escape, ``1e400``), and a ``\\u`` escape outside the prompt (it may spell a
+key), are decoded by ``jsonio.loads`` and re-encoded instead. The prompt, text where no
+key can be, is left out of those byte scans and unescaped by Arrow's JSON reader per batch.
 Values become Arrow arrays once per batch; checks that are cheaper over a column
 (UUIDs, timestamps, integral counts) run in bulk and fail their call after the fact.
 """
@@ -29,10 +31,12 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from pipeline import jsonio, schema
 from pipeline.api_schema import (
-    INT64_MAX, INT64_MIN, NULL, Stage, decode_stage, decode_voice, decode_voice_settings, describe, needs_fallback,
+    INT64_MAX, INT64_MIN, NULL, Stage, check_prompt, decode_stage, decode_voice, decode_voice_settings, describe,
+    needs_fallback,
 )
 from pipeline.durations import duration_nanos
 from pipeline.records import parse_rfc3339
@@ -48,6 +52,8 @@ _UUID_COLUMN = "^" + _UUID.pattern + "$"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: A ``\\u`` escape (a regex finds it faster than ``in`` among the many ``\\n`` of prompts).
 _ESCAPE_U = re.compile(rb"\\u")
+#: The prompt's key as compact JSON writes it (an unescaped quote starts no text inside a string).
+_PROMPT_KEY = b'"systemPrompt":'
 _COUNT_FIELDS = (
     ("initial_token_count", "initialTokenCount"),
     ("latest_token_count", "latestTokenCount"),
@@ -165,6 +171,21 @@ def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
     return column.cast(pa.string())
 
 
+_TOKEN_FIELD = pa.schema([pa.field("t", pa.string())])
+_MAX_BLOCK = 2**31 - 1
+
+
+def _text_column(tokens: Sequence[msgspec.Raw]) -> pa.Array:
+    """JSON string tokens (or null) → a string column, unescaped by Arrow's JSON reader in
+    one pass (msgspec has checked each token: valid JSON, a string or null)."""
+    if not tokens:
+        return pa.array([], pa.string())
+    lines = b'{"t":' + b'}\n{"t":'.join(tokens) + b"}\n"  # type: ignore[arg-type]
+    options = pa_json.ReadOptions(use_threads=False, block_size=min(len(lines), _MAX_BLOCK))
+    parse = pa_json.ParseOptions(explicit_schema=_TOKEN_FIELD)
+    return pa_json.read_json(pa.py_buffer(lines), read_options=options, parse_options=parse).column(0).combine_chunks()
+
+
 # --------------------------------------------------------------------------- stage bytes
 
 
@@ -216,9 +237,15 @@ def _from_object(value: Any, index: int) -> tuple[bytes, Stage]:
         raise StageError(f"stage {index} is {_kind(value)}, not an object")
     data = _encode(redact_stage(value))
     try:
-        return data, decode_stage(data)
+        return data, _typed(data)
     except msgspec.ValidationError as exc:
         raise StageError(_decode_reason(exc, index)) from None
+
+
+def _typed(data: bytes) -> Stage:
+    stage = decode_stage(data)
+    check_prompt(stage.systemPrompt)
+    return stage
 
 
 def _decode_reason(exc: msgspec.ValidationError, index: int) -> str:
@@ -233,17 +260,31 @@ def stage_bytes(item: Any, index: int) -> tuple[bytes, Stage]:
     if not isinstance(item, (msgspec.Raw, bytes)):
         return _from_object(item, index)
     data = bytes(item)
-    if _ESCAPE_U.search(data):  # an escape may be a lone surrogate (jsonio.loads replaces it) or spell a key
-        return _from_object(jsonio.loads(data), index)
     try:
-        stage = decode_stage(data)
+        stage = _typed(data)
     except msgspec.ValidationError as exc:
         if not needs_fallback(exc):
             raise StageError(_decode_reason(exc, index)) from None
         return _from_object(jsonio.loads(data), index)
     except msgspec.MsgspecError:  # e.g. a lone surrogate escape: jsonio.loads replaces it
         return _from_object(jsonio.loads(data), index)
-    return _from_object(jsonio.loads(data), index) if _needs_redaction(data, stage) else (data, stage)
+    keys = _outside_prompt(data, stage.systemPrompt)
+    if _ESCAPE_U.search(keys) or _needs_redaction(keys, stage):  # an escape may spell a key
+        return _from_object(jsonio.loads(data), index)
+    return data, stage
+
+
+def _outside_prompt(data: bytes, prompt: msgspec.Raw) -> bytes:
+    """The stage's bytes without its prompt's string token (text, where no key can be),
+    or all of them when the token is not right after the first prompt key."""
+    at = data.find(_PROMPT_KEY)
+    if at < 0 or prompt == NULL:
+        return data
+    start = at + len(_PROMPT_KEY)
+    end = start + len(memoryview(prompt))
+    if not data.startswith(prompt, start):  # type: ignore[arg-type]
+        return data
+    return data[:at] + data[end:]
 
 
 # --------------------------------------------------------------------------- batch
@@ -427,12 +468,16 @@ _MESSAGE_ROW = (
 )
 _VOICE_ROW = ("call_stage_id", "call_id", "role", "provider", "voice_id", "model", "speed", "settings")
 _JSON_COLUMNS = frozenset({"experimental_settings", "initial_state", "raw", "settings"})
+#: Columns whose rows hold a JSON string token (msgspec.Raw, NULL for null) rather than text.
+_TOKEN_COLUMNS = frozenset({"system_prompt"})
 _DATA_TABLES = (schema.CALL_STAGES, schema.STAGE_INACTIVITY_MESSAGES, schema.STAGE_VOICES)
 
 
 def _column(values: Sequence[Any], column: schema.Column) -> pa.Array:
     if column.name in _JSON_COLUMNS:
         return _utf8_column(values)
+    if column.name in _TOKEN_COLUMNS:
+        return _text_column(values)
     if column.sql_type == schema.DECIMAL:
         return _decimal_seconds(values)
     return pa.array(values, column.arrow_type)

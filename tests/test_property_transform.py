@@ -99,3 +99,23 @@ def test_stages_as_received_bytes_give_the_same_tables_as_objects(stages, call_u
     assert from_bytes.failures.keys() == from_objects.failures.keys()
     for name, table in from_objects.tables.items():
         assert from_bytes.tables[name].equals(table), name
+
+
+@EXAMPLES
+@given(st.lists(st.one_of(st.none(), st.text(max_size=300)), min_size=1, max_size=12), st.booleans())
+def test_received_prompts_are_the_texts_sent_and_their_stages_keep_their_bytes(prompts, ensure_ascii):
+    """Any text, escaped or not (replay unescapes prompts in bulk, not one by one)."""
+    now = datetime.now(timezone.utc)
+    calls, sent = [], {}
+    for n, prompt in enumerate(prompts):
+        call_id = str(uuid.UUID(int=n + 1))
+        stage = {"callId": call_id, "callStageId": str(uuid.UUID(int=1000 + n)), "created": "2026-11-20T10:00:00Z",
+                 "systemPrompt": prompt, "externalVoice": {"lmnt": {"voiceId": "lily"}}}
+        body = json.dumps(stage, ensure_ascii=ensure_ascii, separators=(",", ":")).encode()
+        calls.append((call_id, [msgspec.Raw(body)]))
+        sent[call_id] = (prompt, body)
+    result = transform_calls(calls, "run", now)
+    assert result.failures == {}
+    table = result.tables["call_stages"].to_pydict()
+    for call_id, prompt, raw in zip(table["call_id"], table["system_prompt"], table["raw"], strict=True):
+        assert (prompt, raw.encode()) == sent[call_id]

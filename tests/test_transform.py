@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import pytest
 
@@ -645,3 +646,79 @@ def test_a_prompt_naming_a_voice_changes_nothing() -> None:
     stage = simple_stage(uid(1), 1, systemPrompt='Set "externalVoice" and voice_overrides.', initialState={"a": 1})
     [row] = rows(transform_calls([(uid(1), [stage])], RUN, NOW).tables["call_stages"])
     assert json.loads(row["raw"]) == stage
+
+
+def _received(stage: dict[str, Any], ensure_ascii: bool = False) -> msgspec.Raw:
+    return msgspec.Raw(json.dumps(stage, ensure_ascii=ensure_ascii, separators=(",", ":")).encode())
+
+
+@pytest.mark.parametrize("prompt", [
+    "Café \"quoted\" \\ back/slash\n\ttab \u2028 😀 end",
+    "Mention externalVoice, voice_overrides and apiKey: only text",
+    "",
+    "x" * 100_000 + "é\n" * 1000,
+])
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_a_received_prompt_keeps_its_bytes_and_is_unescaped_into_its_column(prompt: str, ensure_ascii: bool) -> None:
+    """\\u escapes, surrogate pairs, voice names inside the prompt: raw is the stage as received."""
+    received = _received(simple_stage(uid(1), 1, systemPrompt=prompt), ensure_ascii)
+    result = transform_calls([(uid(1), [received])], RUN, NOW)
+    assert result.failures == {}
+    [row] = rows(result.tables["call_stages"])
+    assert row["system_prompt"] == prompt
+    assert row["raw"].encode() == bytes(received)
+
+
+def test_prompts_of_a_batch_line_up_with_their_stages_nulls_included() -> None:
+    prompts = [None, "a\nb", None, "ü" * 5000, "", None]
+    calls = [(uid(n), [_received(simple_stage(uid(n), n, systemPrompt=p), ensure_ascii=n % 2 == 0)])
+             for n, p in enumerate(prompts, start=1)]
+    result = transform_calls(calls, RUN, NOW)
+    assert result.failures == {}
+    table = result.tables["call_stages"]
+    assert dict(zip(table["call_id"].to_pylist(), table["system_prompt"].to_pylist())) == {
+        uid(n): p for n, p in enumerate(prompts, start=1)}
+
+
+@pytest.mark.parametrize("before", [
+    # a nested prompt key first, with the same text: the voice after it still counts
+    '"extra":{"systemPrompt":"Be brief.","externalVoice":{"generic":{"headers":{"Authorization":"%s"}}}},',
+    # the same, with a different text
+    '"extra":{"systemPrompt":"Other.","voiceOverrides":{"x":{"apiKey":"%s"}}},',
+    # a key ending in an escaped quote and the prompt key's name
+    '"a\\"systemPrompt":"Be brief.","state":{"voice_overrides":{"cartesia":{"apiKey":"%s"}}},',
+])
+def test_a_voice_beside_a_nested_prompt_key_is_redacted(before: str) -> None:
+    secret = "sk-live-beside-prompt-7731"
+    stage = simple_stage(uid(1), 1)
+    body = json.dumps(stage, separators=(",", ":"))
+    received = ("{" + before % secret + body[1:]).encode()
+    assert json.loads(received)["systemPrompt"] == "Be brief."
+    result = transform_calls([(uid(1), [msgspec.Raw(received)])], RUN, NOW)
+    assert result.failures == {}
+    for name, table in result.tables.items():
+        assert secret not in json.dumps(table.to_pylist(), default=str), name
+    [row] = rows(result.tables["call_stages"])
+    assert row["system_prompt"] == "Be brief." and REDACTED in row["raw"]
+
+
+@pytest.mark.parametrize("prompt, reason", [
+    (12, "systemPrompt is an integer, expected a string"),
+    (["a"], "systemPrompt is a list, expected a string"),
+    ({"text": "a"}, "systemPrompt is an object, expected a string"),
+])
+def test_a_prompt_that_is_not_text_fails_its_call_alone(prompt: Any, reason: str) -> None:
+    calls = [(uid(1), [_received(simple_stage(uid(1), 1, systemPrompt=prompt))]),
+             (uid(2), [_received(simple_stage(uid(2), 2))]),
+             (uid(3), [simple_stage(uid(3), 3, systemPrompt=prompt)])]
+    result = transform_calls(calls, RUN, NOW)
+    assert result.failures == {uid(1): f"stage 0: {reason}", uid(3): f"stage 0: {reason}"}
+    assert result.tables["call_stages"]["call_id"].to_pylist() == [uid(2)]
+
+
+def test_a_received_lone_surrogate_escape_in_a_prompt_is_replaced() -> None:
+    text = json.dumps(simple_stage(uid(1), 1, systemPrompt="bad PLACEHOLDER half"), separators=(",", ":"))
+    received = msgspec.Raw(text.replace("PLACEHOLDER", "\\ud800").encode())
+    result = transform_calls([(uid(1), [received]), (uid(2), [_received(simple_stage(uid(2), 2))])], RUN, NOW)
+    assert result.failures == {}
+    assert rows(result.tables["call_stages"])[0]["system_prompt"] == "bad \ufffd half"
