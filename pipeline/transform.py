@@ -12,7 +12,7 @@ stage's JSON bytes: as received, unless the stage holds something to redact (the
 is redacted by pipeline.redact's rule and re-encoded). Bytes msgspec refuses (a lone
 surrogate escape, ``1e400``), and a ``\\u`` escape outside the prompt (it may spell a
 key), are decoded by ``jsonio.loads`` and re-encoded instead. The prompt, text where no
-key can be, is left out of those byte scans and unescaped by Arrow's JSON reader per batch.
+key can be, is left out of those byte scans and kept as its JSON token until its column is built.
 Values become Arrow arrays once per batch; checks that are cheaper over a column
 (UUIDs, timestamps, integral counts) run in bulk and fail their call after the fact.
 """
@@ -20,6 +20,7 @@ Values become Arrow arrays once per batch; checks that are cheaper over a column
 from __future__ import annotations
 
 import array
+import codecs
 import itertools
 import json
 import re
@@ -31,7 +32,6 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 
 from pipeline import jsonio, schema
 from pipeline.api_schema import (
@@ -171,19 +171,25 @@ def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
     return column.cast(pa.string())
 
 
-_TOKEN_FIELD = pa.schema([pa.field("t", pa.string())])
-_MAX_BLOCK = 2**31 - 1
+#: JSON escapes that Python's escape_decode reads otherwise (or not at all).
+_NOT_PYTHON_ESCAPE = re.compile(rb"\\[u/]")
+_decode_text = msgspec.json.Decoder(str)
 
 
 def _text_column(tokens: Sequence[msgspec.Raw]) -> pa.Array:
-    """JSON string tokens (or null) → a string column, unescaped by Arrow's JSON reader in
-    one pass (msgspec has checked each token: valid JSON, a string or null)."""
-    if not tokens:
-        return pa.array([], pa.string())
-    lines = b'{"t":' + b'}\n{"t":'.join(tokens) + b"}\n"  # type: ignore[arg-type]
-    options = pa_json.ReadOptions(use_threads=False, block_size=min(len(lines), _MAX_BLOCK))
-    parse = pa_json.ParseOptions(explicit_schema=_TOKEN_FIELD)
-    return pa_json.read_json(pa.py_buffer(lines), read_options=options, parse_options=parse).column(0).combine_chunks()
+    """JSON string tokens (or null) → a string column."""
+    return _utf8_column([_unescaped(token) for token in tokens])
+
+
+def _unescaped(token: msgspec.Raw) -> bytes | None:
+    """A token's text as UTF-8. msgspec has checked the token, so it holds no escape but
+    JSON's; all of them except ``\\u`` and ``\\/`` mean the same to escape_decode (in C)."""
+    body = memoryview(token)
+    if body[:1] != b'"':
+        return None
+    if _NOT_PYTHON_ESCAPE.search(body):
+        return _decode_text.decode(token).encode()
+    return codecs.escape_decode(body[1:-1])[0]
 
 
 # --------------------------------------------------------------------------- stage bytes
@@ -468,7 +474,7 @@ _MESSAGE_ROW = (
 )
 _VOICE_ROW = ("call_stage_id", "call_id", "role", "provider", "voice_id", "model", "speed", "settings")
 _JSON_COLUMNS = frozenset({"experimental_settings", "initial_state", "raw", "settings"})
-#: Columns whose rows hold a JSON string token (msgspec.Raw, NULL for null) rather than text.
+#: Columns whose rows hold a JSON string token (msgspec.Raw, or null) rather than text.
 _TOKEN_COLUMNS = frozenset({"system_prompt"})
 _DATA_TABLES = (schema.CALL_STAGES, schema.STAGE_INACTIVITY_MESSAGES, schema.STAGE_VOICES)
 

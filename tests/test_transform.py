@@ -722,3 +722,22 @@ def test_a_received_lone_surrogate_escape_in_a_prompt_is_replaced() -> None:
     result = transform_calls([(uid(1), [received]), (uid(2), [_received(simple_stage(uid(2), 2))])], RUN, NOW)
     assert result.failures == {}
     assert rows(result.tables["call_stages"])[0]["system_prompt"] == "bad \ufffd half"
+
+
+@pytest.mark.parametrize("token, text", [
+    (r'"a\/b \\\/ \\/ \\u0041"', "a/b \\/ \\/ \\u0041"),
+    (r'"a\/b \\\/ \\/"', "a/b \\/ \\/"),
+    (r'"\"\\\b\f\n\r\t\u00e9\ud83d\ude00\/"', "\"\\\b\f\n\r\t\u00e9\U0001f600/"),
+    (r'"\\\\n \\\" \\\\\\"', "\\\\n \\\" \\\\\\"),
+    (r'"\\x41 \\101 \\N{DASH} \\a"', "\\x41 \\101 \\N{DASH} \\a"),
+    ('"plain é ✓"', "plain é ✓"),
+])
+def test_every_json_escape_in_a_received_prompt_reads_as_json_says(token: str, text: str) -> None:
+    """Also the ones Python's escapes spell otherwise, and Python escapes JSON has not."""
+    assert json.loads(token) == text
+    body = json.dumps(simple_stage(uid(1), 1, systemPrompt="PROMPT"), separators=(",", ":"))
+    received = msgspec.Raw(body.replace('"PROMPT"', token).encode())
+    result = transform_calls([(uid(1), [received])], RUN, NOW)
+    assert result.failures == {}
+    [row] = rows(result.tables["call_stages"])
+    assert row["system_prompt"] == text and row["raw"].encode() == bytes(received)
