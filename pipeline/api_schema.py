@@ -55,8 +55,8 @@ class Stage(Struct, gc=False):
     callStageId: str | None = None
     created: str | None = None
     model: str | None = None
-    #: The prompt's JSON string token as received: checked to be text by check_prompt,
-    #: unescaped into its column in bulk (a str per prompt cost more than the rest of a stage).
+    #: The prompt's JSON string token as received (checked by check_prompt): its text
+    #: goes into its column as UTF-8, never through a str.
     systemPrompt: Raw = NULL
     temperature: float | None = None
     languageHint: str | None = None
@@ -112,6 +112,11 @@ def decode_page(body: bytes) -> tuple[Page, list[Raw]]:
 def decode_stage(data: bytes | Raw) -> Stage:
     """A stage, typed; raises ``msgspec.ValidationError`` naming the field's path."""
     return _stage.decode(data)
+
+
+def decode_text(token: bytes | Raw) -> str | None:
+    """A JSON string (or null) token as text."""
+    return _text.decode(token)
 
 
 def check_prompt(token: Raw) -> None:

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 
 from pipeline import jsonio, schema
 from pipeline.api_schema import (
-    INT64_MAX, INT64_MIN, NULL, Stage, check_prompt, decode_stage, decode_voice, decode_voice_settings, describe,
-    needs_fallback,
+    INT64_MAX, INT64_MIN, NULL, Stage, check_prompt, decode_stage, decode_text, decode_voice, decode_voice_settings,
+    describe, needs_fallback,
 )
 from pipeline.durations import duration_nanos
 from pipeline.records import parse_rfc3339
@@ -50,7 +50,7 @@ _DECIMAL = pa.decimal128(38, 9)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_COLUMN = "^" + _UUID.pattern + "$"
 _SURROGATE = re.compile("[\ud800-\udfff]")
-#: A ``\\u`` escape (a regex finds it faster than ``in`` among the many ``\\n`` of prompts).
+#: A ``\\u`` escape (a regex finds it faster than ``in`` among many ``\\n`` escapes).
 _ESCAPE_U = re.compile(rb"\\u")
 #: The prompt's key as compact JSON writes it (an unescaped quote starts no text inside a string).
 _PROMPT_KEY = b'"systemPrompt":'
@@ -173,7 +173,6 @@ def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
 
 #: JSON escapes that Python's escape_decode reads otherwise (or not at all).
 _NOT_PYTHON_ESCAPE = re.compile(rb"\\[u/]")
-_decode_text = msgspec.json.Decoder(str)
 
 
 def _text_column(tokens: Sequence[msgspec.Raw]) -> pa.Array:
@@ -188,7 +187,7 @@ def _unescaped(token: msgspec.Raw) -> bytes | None:
     if body[:1] != b'"':
         return None
     if _NOT_PYTHON_ESCAPE.search(body):
-        return _decode_text.decode(token).encode()
+        return decode_text(token).encode()  # type: ignore[union-attr]
     return codecs.escape_decode(body[1:-1])[0]
 
 
@@ -249,6 +248,7 @@ def _from_object(value: Any, index: int) -> tuple[bytes, Stage]:
 
 
 def _typed(data: bytes) -> Stage:
+    """The stage decoded, its prompt checked to be text."""
     stage = decode_stage(data)
     check_prompt(stage.systemPrompt)
     return stage
