@@ -125,7 +125,7 @@ def check_prompt(token: Raw) -> None:
     if memoryview(token)[:1] == b'"' or token == NULL:
         return
     try:
-        _text.decode(token)
+        decode_text(token)
     except msgspec.ValidationError as exc:
         raise msgspec.ValidationError(f"{exc} - at `$.systemPrompt`") from None
 

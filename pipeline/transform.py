@@ -283,8 +283,10 @@ def stage_bytes(item: Any, index: int) -> tuple[bytes, Stage]:
 def _outside_prompt(data: bytes, prompt: msgspec.Raw) -> bytes:
     """The stage's bytes without its prompt's string token (text, where no key can be),
     or all of them when the token is not right after the first prompt key."""
+    if prompt == NULL:
+        return data
     at = data.find(_PROMPT_KEY)
-    if at < 0 or prompt == NULL:
+    if at < 0:
         return data
     start = at + len(_PROMPT_KEY)
     end = start + len(memoryview(prompt))

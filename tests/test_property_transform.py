@@ -104,7 +104,7 @@ def test_stages_as_received_bytes_give_the_same_tables_as_objects(stages, call_u
 @EXAMPLES
 @given(st.lists(st.one_of(st.none(), st.text(max_size=300)), min_size=1, max_size=12), st.booleans())
 def test_received_prompts_are_the_texts_sent_and_their_stages_keep_their_bytes(prompts, ensure_ascii):
-    """Any text, escaped or not (replay unescapes prompts in bulk, not one by one)."""
+    """Any text, escaped or not (a received prompt is unescaped from its token, never through a str)."""
     now = datetime.now(timezone.utc)
     calls, sent = [], {}
     for n, prompt in enumerate(prompts):
