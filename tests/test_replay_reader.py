@@ -3,6 +3,7 @@ kill -9 must end both processes cleanly and leave the warehouse exact."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -363,6 +364,10 @@ def test_big_prompts_in_whole_batches_and_a_60_mb_prompt_replay_exactly(tmp_path
     assert stages == unique == expected and longest >= 60_000_000
     huge, = data.huge_prompt_call_ids()
     assert _stored(db, f"SELECT status FROM etl_calls WHERE call_id = '{huge}'") == [("loaded",)]
+    sent = {s["callStageId"]: hashlib.md5((s.get("systemPrompt") or "").encode()).hexdigest()
+            for c in data.call_ids for s in data.stages_for(c)}
+    stored = dict(_stored(db, "SELECT call_stage_id::VARCHAR, md5(coalesce(system_prompt, '')) FROM call_stages"))
+    assert stored == sent  # every prompt's text, the 60 MB one included
     assert _readers_of(raw) == []
 
 
