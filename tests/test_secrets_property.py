@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from pipeline.raw import RawWriter, read_landing_zone
@@ -194,7 +195,26 @@ def test_redact_call_hides_every_secret() -> None:
 
 def test_transform_tables_hold_no_secret(generated) -> None:
     calls = [(call_id, stages) for _, call_id, stages, _ in generated]
-    result = transform_calls(calls, "run-1", NOW)
+    _assert_no_secret_in_tables(transform_calls(calls, "run-1", NOW), generated)
+
+
+def _secrets_after_the_prompt(stage: dict[str, Any]) -> dict[str, Any]:
+    """A clean voice first, then the prompt, then the rest with the stage's own voice moved into it."""
+    rest = {k: v for k, v in stage.items() if k not in ("externalVoice", "systemPrompt")}
+    return {"externalVoice": {"lmnt": {"voiceId": "clean"}}, "systemPrompt": stage["systemPrompt"],
+            **rest, "moved": {"externalVoice": stage["externalVoice"]}}
+
+
+@pytest.mark.parametrize("ensure_ascii, order", [(False, None), (True, None), (False, _secrets_after_the_prompt)])
+def test_tables_from_received_bytes_hold_no_secret(generated, ensure_ascii: bool, order) -> None:
+    """`replay` hands stages over as received bytes, whose redaction scans skip the prompt."""
+    calls = [(call_id, [msgspec.Raw(json.dumps(order(s) if order else s, ensure_ascii=ensure_ascii,
+                                               separators=(",", ":")).encode()) for s in stages])
+             for _, call_id, stages, _ in generated]
+    _assert_no_secret_in_tables(transform_calls(calls, "run-1", NOW), generated)
+
+
+def _assert_no_secret_in_tables(result, generated) -> None:
     tables_text = {
         name: json.dumps(table.to_pylist(), default=str, ensure_ascii=False) for name, table in result.tables.items()
     }
