@@ -1,6 +1,6 @@
 """Write-only cost of DuckDB settings for the tables the transform produces.
 
-    python bench/duckdb_settings.py RAW_DIR WORK_DIR [--batch-stages 4000] [--only NAME ...]
+    python bench/duckdb_settings.py RAW_DIR WORK_DIR [--batch-stages N] [--only NAME ...]
 
 The landing zone is transformed once (pipeline.transform, in batches like the
 runner's) and each batch's three Arrow tables are saved as Arrow IPC files. Then each
@@ -22,22 +22,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.config import Settings  # noqa: E402  (after the path insert above)
+from pipeline.load.duckdb import ROW_GROUP_SIZE  # noqa: E402
+
 #: (connection config, ATTACH options, SET statements); the data tables have no primary key
 Variant = tuple[dict[str, object], str, tuple[str, ...]]
+PRODUCT = Settings()
 
 
-def _tuned(row_group: int, compression: str, memory_mb: int, threads: int) -> Variant:
+def _tuned(row_group: int, compression: str, memory: str, threads: int) -> Variant:
     """Small row groups, a fixed compression (or DuckDB's choice: "auto"), insertion order not kept."""
     sets = ("SET preserve_insertion_order=false",)
     if compression != "auto":
         sets = (f"SET force_compression='{compression}'", *sets)
-    return {"memory_limit": f"{memory_mb}MB", "threads": threads}, f"ROW_GROUP_SIZE {row_group}", sets
+    return {"memory_limit": memory, "threads": threads}, f"ROW_GROUP_SIZE {row_group}", sets
 
 
 VARIANTS: dict[str, Variant] = {
-    "today": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", ()),
-    "today-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", ()),
-    **{f"rg{rows}-{compression}-{mb}MB-{threads}t": _tuned(rows, compression, mb, threads)
+    # the loader's own settings, whatever they are now
+    "product": _tuned(ROW_GROUP_SIZE, "zstd", PRODUCT.duckdb_memory_limit, 1),
+    # DuckDB's defaults, with the 1 GB checkpoint threshold the loader once used
+    "defaults-256MB": ({"memory_limit": "256MB", "checkpoint_threshold": "1GB"}, "", ()),
+    "defaults-64MB": ({"memory_limit": "64MB", "checkpoint_threshold": "1GB"}, "", ()),
+    **{f"rg{rows}-{compression}-{mb}MB-{threads}t": _tuned(rows, compression, f"{mb}MB", threads)
        for rows, compression, mb, threads in (
            (2048, "zstd", 64, 1), (2048, "zstd", 64, 2), (4096, "zstd", 96, 1), (4096, "zstd", 96, 2),
            (2048, "zstd", 96, 1), (2048, "auto", 64, 1), (2048, "fsst", 64, 1), (2048, "uncompressed", 64, 1))},
@@ -137,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("work", type=Path)
-    parser.add_argument("--batch-stages", type=int, default=4000)
+    parser.add_argument("--batch-stages", type=int, default=PRODUCT.replay_batch()[0])
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
     args = parser.parse_args()
     batches = args.work / "batches"
