@@ -178,6 +178,7 @@ _FLOORS = r"""
 import sys, time
 from pathlib import Path
 import pyarrow.parquet as pq
+from pipeline.columns import to_arrow
 from pipeline.config import Settings
 from pipeline.load import open_warehouse
 from pipeline.load.parquet import _write_options
@@ -196,14 +197,20 @@ started = time.monotonic()
 for message in read_batches(raw, READER_PART_STAGES, READER_PART_BYTES, "floor"):
     pass
 transform = time.monotonic() - started
-batches = [m.batch for m in read_batches(raw, *settings.replay_batch(), "floor") if m.batch]
+def arrow_batches(batch_stages, batch_bytes):
+    # The reader sends columns; the committing process receives them as Arrow tables.
+    batches = [m.batch for m in read_batches(raw, batch_stages, batch_bytes, "floor") if m.batch]
+    for batch in batches:
+        batch.tables = {name: to_arrow(columns) for name, columns in batch.tables.items()}
+    return batches
+batches = arrow_batches(*settings.replay_batch())
 warehouse = open_warehouse("duckdb", tmp / "floor.duckdb", memory_limit=settings.duckdb_memory_limit)
 started = time.monotonic()
 with warehouse:
     for batch in batches:
         warehouse.commit_calls(batch.tables, batch.outcomes, "floor")
 duck = time.monotonic() - started
-batches = [m.batch for m in read_batches(raw, *Settings(format="parquet").replay_batch(), "floor") if m.batch]
+batches = arrow_batches(*Settings(format="parquet").replay_batch())
 started = time.monotonic()
 for n, batch in enumerate(batches):
     for table in DATA_TABLES:

@@ -12,6 +12,5 @@ os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 # Arrow's buffers, also those pyarrow's C++ allocates on its own (Parquet reads, compute
 # kernels), come from the system allocator: glibc gives big freed blocks back, where
 # mimalloc kept a long run's partly used pages (a 300k-stage replay into Parquet grew to
-# 500 MB). The replay reader, which frees everything each part, keeps mimalloc for speed.
-READER_ARROW_POOL = os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+# 500 MB).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")

@@ -21,7 +21,7 @@ line too deep, too long or not JSON is a reported bad line either way.
 
 from __future__ import annotations
 
-import array
+import codecs
 import gzip
 import itertools
 import json
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import msgspec
-import pyarrow as pa
 
 from pipeline import jsonio
 from pipeline.api_schema import Page
@@ -432,16 +431,16 @@ def _decode_line(line: bytes) -> LandedLine | Any:
 
 
 def _check_utf8(line: bytes) -> None:
-    """Raise UnicodeDecodeError unless ``line`` is UTF-8; a long line is checked by Arrow in
-    place (decoding it would build a str of up to four times its size)."""
+    """Raise UnicodeDecodeError unless ``line`` is UTF-8; a long line is decoded a piece at a
+    time (decoding it whole would build a str of up to four times its size)."""
     if len(line) < _DECODE_BELOW_BYTES:
         line.decode()
         return
-    offsets = pa.py_buffer(array.array("q", [0, len(line)]))
-    try:
-        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(line)]).validate(full=True)
-    except pa.ArrowInvalid:
-        raise UnicodeDecodeError("utf-8", line[:0], 0, 1, "invalid UTF-8") from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(line)
+    for start in range(0, len(line), _DECODE_BELOW_BYTES):
+        decoder.decode(view[start:start + _DECODE_BELOW_BYTES])
+    decoder.decode(b"", final=True)
 
 
 def _apply_line(record: Any, open_fetches: dict[str, CallFetch], nbytes: int = 0) -> CallFetch | None:

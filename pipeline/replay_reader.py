@@ -2,10 +2,12 @@
 one commits, so decoding and the warehouse's writes each get a core (threads would
 share one interpreter lock).
 
-The reader sends one message per part of a batch through a pipe: the part's outcomes
-and warnings pickled, its tables as Arrow IPC streams (read back without a copy).
-:func:`received` takes them in a thread of the committing process while it commits,
-up to a byte budget ahead; the caller gathers parts into batches.
+The reader loads no pyarrow (pipeline.columns builds the tables' buffers): it sends one
+message per part of a batch through a pipe, the part's outcomes, warnings and table
+layouts pickled, then each table's buffers as they are, which the committing process
+reads into one Arrow buffer per table and wraps without a copy. :func:`received` takes
+them in a thread of the committing process while it commits, up to a byte budget ahead;
+the caller gathers parts into batches.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import gc
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -24,11 +25,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
-import pyarrow as pa
-
-from pipeline import READER_ARROW_POOL
+from pipeline import columns
 from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
 from pipeline.errors import EXIT_WAREHOUSE, StagesError
 from pipeline.raw import WHOLE, BadLine, Share, read_landing_zone
@@ -38,9 +37,8 @@ POLL_SECONDS = 0.2
 _PR_SET_PDEATHSIG = 1
 _PIPE_BYTES = 1 << 20
 _GC_THRESHOLD = 20_000
-#: Frames up to this size reuse the sender's buffer (a part of a batch, with its prompts twice, fits).
-REUSED_FRAME_BYTES = 12 << 20
-_FRAME_LENGTH = struct.Struct("!Q")
+#: Each buffer of a table frame starts at a multiple of this (Arrow's fixed-width values stay aligned).
+_ALIGN = 8
 
 
 class ReaderError(StagesError):
@@ -62,7 +60,8 @@ class ReplayMessage:
 def read_batches(
     raw_dir: Path, batch_stages: int, batch_bytes: int, run_id: str, share: Share = WHOLE
 ) -> Iterator[ReplayMessage]:
-    """The landing zone's calls of ``share`` as prepared batches; the last message has no batch."""
+    """The landing zone's calls of ``share`` as prepared batches, their tables as columns
+    (pipeline.columns); the last message has no batch."""
     pending = PendingCalls(batch_stages, batch_bytes)
     bad_lines: list[BadLine] = []
 
@@ -71,51 +70,59 @@ def read_batches(
         bad_lines.clear()
         return sent
 
+    def prepared() -> PreparedBatch:
+        return prepare_batch(pending.take(), run_id, as_columns=True)
+
     for fetch in read_landing_zone(raw_dir, bad_lines.append, share):
         if not pending.fits(fetch):
-            yield message(prepare_batch(pending.take(), run_id))
+            yield message(prepared())
         pending.add(fetch)
         if pending.full():
-            yield message(prepare_batch(pending.take(), run_id))
+            yield message(prepared())
     if pending:
-        yield message(prepare_batch(pending.take(), run_id))
+        yield message(prepared())
     yield message(None)
 
 
-class _FrameSender:
-    """Sends messages as pipe frames: the pickled rest through the connection, then one
-    Arrow IPC stream per table as its length and its bytes.
+#: A table's layout in a message: (name, rows, per column (part lengths, -1 for none; null count; checked)).
+Layout = tuple[str, int, list[tuple[tuple[int, ...], int, bool]]]
 
-    The streams are written into one buffer kept from frame to frame (a fresh buffer per
-    frame costs a page fault for every 4 KiB of it); a frame bigger than REUSED_FRAME_BYTES
-    gets a buffer of its own, let go once sent."""
+
+class _FrameSender:
+    """Sends messages as pipe frames: the pickled rest (table layouts included) through
+    the connection, then each table's buffers, each padded to a multiple of _ALIGN."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
-        self._frame = pa.allocate_buffer(0)
 
     def send(self, message: ReplayMessage) -> None:
         batch = message.batch
-        tables = {} if batch is None else batch.tables
+        tables: dict[str, columns.TableColumns] = {} if batch is None else batch.tables
         rest = (batch.outcomes, batch.warnings, batch.stages, batch.nbytes) if batch is not None else message.peak_rss_kb
-        head = (message.bad_lines, rest, list(tables))
+        head = (message.bad_lines, rest, [_layout(table) for table in tables.values()])
         self.conn.send_bytes(pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
         for name in list(tables):
             self._send_table(tables.pop(name))  # each table is let go once sent
 
-    def _send_table(self, table: pa.Table) -> None:
-        size = pa.MockOutputStream()
-        with pa.ipc.new_stream(size, table.schema) as writer:
-            writer.write_table(table)
-        nbytes = size.size()
-        frame = self._frame if nbytes <= self._frame.size else pa.allocate_buffer(nbytes)
-        if self._frame.size < nbytes <= REUSED_FRAME_BYTES:
-            self._frame = frame
-        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(frame), table.schema) as writer:
-            writer.write_table(table)
-        del table
-        _write_all(self.conn.fileno(), memoryview(_FRAME_LENGTH.pack(nbytes)))
-        _write_all(self.conn.fileno(), memoryview(frame)[:nbytes])
+    def _send_table(self, table: columns.TableColumns) -> None:
+        fd = self.conn.fileno()
+        for column in table.columns:
+            for part in column.parts():
+                if part:
+                    _write_all(fd, memoryview(part))
+                    if len(part) % _ALIGN:
+                        _write_all(fd, memoryview(bytes(_ALIGN - len(part) % _ALIGN)))
+
+
+def _layout(table: columns.TableColumns) -> Layout:
+    return table.name, table.rows, [
+        (tuple(-1 if part is None else len(part) for part in column.parts()), column.null_count, column.checked)
+        for column in table.columns
+    ]
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -123,12 +130,25 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _read_frame(fd: int) -> pa.Buffer:
-    """One table frame written by :class:`_FrameSender`, read straight into an Arrow buffer."""
-    (nbytes,) = _FRAME_LENGTH.unpack(_read_exact(fd, memoryview(bytearray(_FRAME_LENGTH.size))))
-    frame = pa.allocate_buffer(nbytes)
+def _read_table(fd: int, layout: Layout) -> Any:
+    """One table frame written by :class:`_FrameSender`, read straight into one Arrow
+    buffer, as an Arrow table sharing it."""
+    import pyarrow as pa  # the committing process's (the reader never receives)
+
+    name, rows, column_layouts = layout
+    frame = pa.allocate_buffer(sum(_padded(n) for lengths, _, _ in column_layouts for n in lengths if n > 0))
     _read_exact(fd, memoryview(frame))
-    return frame
+    offset = 0
+    built: list[columns.Buffers] = []
+    for lengths, null_count, checked in column_layouts:
+        parts: list[Any] = []
+        for n in lengths:
+            parts.append(None if n < 0 else frame.slice(offset, n))
+            offset += _padded(max(n, 0))
+        validity, *rest = parts
+        offsets, data = rest if len(rest) == 2 else (None, rest[0])
+        built.append(columns.Buffers(validity, offsets, data, null_count, checked))
+    return columns.to_arrow(columns.TableColumns(name, rows, built))
 
 
 def _read_exact(fd: int, view: memoryview) -> memoryview:
@@ -202,7 +222,6 @@ def _reader_main(
                 message.peak_rss_kb = _peak_rss_kb()
             sender.send(message)
             del message
-            pa.default_memory_pool().release_unused()
     except (BrokenPipeError, ConnectionResetError):
         return  # the committing process is gone
     except BaseException as exc:
@@ -224,8 +243,7 @@ class ReplayReader:
         read_fd, write_fd = os.pipe()
         _widen(write_fd)
         package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-               "ARROW_DEFAULT_MEMORY_POOL": READER_ARROW_POOL}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.replay_reader", str(write_fd), str(raw_dir), str(batch_stages),
@@ -264,9 +282,9 @@ class ReplayReader:
         except EOFError:  # also in the middle of a table's frame
             raise ReaderError(f"the replay reader process died (exit code {self._process.wait()}); run replay again") from None
 
-    def _rest(self, head: tuple[list[BadLine], object, list[str]]) -> ReplayMessage:
-        bad_lines, rest, names = head
-        tables = {name: pa.ipc.open_stream(_read_frame(self._conn.fileno())).read_all() for name in names}
+    def _rest(self, head: tuple[list[BadLine], object, list[Layout]]) -> ReplayMessage:
+        bad_lines, rest, layouts = head
+        tables = {layout[0]: _read_table(self._conn.fileno(), layout) for layout in layouts}
         if not isinstance(rest, tuple):
             return ReplayMessage(bad_lines, None, rest)  # type: ignore[arg-type]
         return ReplayMessage(bad_lines, PreparedBatch(tables, *rest))

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from pipeline import __version__, ledger, schema
 from pipeline.config import Settings
 from pipeline.errors import EXIT_SIGINT, EXIT_SIGTERM, StagesError, WarehouseError
-from pipeline.batch import PendingCalls, PendingParts, PreparedBatch, prepare_batch
+from pipeline.batch import PendingCalls, PreparedBatch, prepare_batch
+from pipeline.parts import PendingParts
 from pipeline.load import Warehouse, open_warehouse
 from pipeline.log import plural, Progress, Reporter
 from pipeline.memory import REPLAY_MMAP_THRESHOLD_BYTES, release_free_memory, use_system_allocator

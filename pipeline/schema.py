@@ -8,26 +8,36 @@ and strings elsewhere; decimals and UTC timestamps are standard Parquet types.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 UUID = "UUID"
 JSON = "JSON"
 TIMESTAMPTZ = "TIMESTAMPTZ"
 DECIMAL = "DECIMAL(38,9)"
 
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    UUID: pa.string(),
-    JSON: pa.string(),
-    "VARCHAR": pa.string(),
-    "INTEGER": pa.int32(),
-    "BIGINT": pa.int64(),
-    "DOUBLE": pa.float64(),
-    "BOOLEAN": pa.bool_(),
-    TIMESTAMPTZ: pa.timestamp("us", tz="UTC"),
-    DECIMAL: pa.decimal128(38, 9),
-}
+
+
+@functools.cache
+def _arrow_types() -> dict[str, pa.DataType]:
+    """Arrow's type of each SQL type (pyarrow loaded on first use: replay's reader never loads it)."""
+    import pyarrow as pa
+
+    return {
+        UUID: pa.string(),
+        JSON: pa.string(),
+        "VARCHAR": pa.string(),
+        "INTEGER": pa.int32(),
+        "BIGINT": pa.int64(),
+        "DOUBLE": pa.float64(),
+        "BOOLEAN": pa.bool_(),
+        TIMESTAMPTZ: pa.timestamp("us", tz="UTC"),
+        DECIMAL: pa.decimal128(38, 9),
+    }
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class Column:
 
     @property
     def arrow_type(self) -> pa.DataType:
-        return _ARROW_TYPES[self.sql_type]
+        return _arrow_types()[self.sql_type]
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class Table:
 
     @property
     def arrow_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
         return pa.schema(
             [pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.columns]
         )

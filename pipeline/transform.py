@@ -13,27 +13,24 @@ is redacted by pipeline.redact's rule and re-encoded). Bytes msgspec refuses (a 
 surrogate escape, ``1e400``), and a ``\\u`` escape outside the prompt (it may spell a
 key), are decoded by ``jsonio.loads`` and re-encoded instead. The prompt, text where no
 key can be, is left out of those byte scans and kept as its JSON token until its column is built.
-Values become Arrow arrays once per batch; checks that are cheaper over a column
+Values become columns once per batch (pipeline.columns: Arrow's layout, built without
+pyarrow, which replay's reader never loads); checks that are cheaper over a column
 (UUIDs, timestamps, integral counts) run in bulk and fail their call after the fact.
 """
 
 from __future__ import annotations
 
-import array
 import codecs
-import itertools
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline import jsonio, schema
+from pipeline import columns, jsonio, schema
 from pipeline.api_schema import (
     INT64_MAX, INT64_MIN, NULL, Stage, check_prompt, decode_stage, decode_text, decode_voice, decode_voice_settings,
     describe, needs_fallback,
@@ -45,10 +42,11 @@ from pipeline.redact import RedactionError, fold_ascii, may_hold_secret, redact_
 ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
 #: proto3 JSON omits an enum field that has its default value.
 UNSPECIFIED = "END_BEHAVIOR_UNSPECIFIED"
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-_DECIMAL = pa.decimal128(38, 9)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_UUID_COLUMN = "^" + _UUID.pattern + "$"
+#: Stage ids of 36 characters each, joined: all are UUIDs when this matches (one pass in C).
+_UUIDS = re.compile(f"(?:{_UUID.pattern})*")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: A ``\\u`` escape (a regex finds it faster than ``in`` among many ``\\n`` escapes).
 _ESCAPE_U = re.compile(rb"\\u")
@@ -67,7 +65,8 @@ class StageError(ValueError):
 
 @dataclass
 class TransformResult:
-    tables: dict[str, pa.Table]
+    #: By table name: Arrow tables (transform_calls) or their columns (transform_columns).
+    tables: dict[str, Any]
     stage_counts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
 
@@ -115,69 +114,39 @@ def _duration_nanos(text: str, where: str) -> int:
 
 # --------------------------------------------------------------------------- timestamps
 
-# The shapes the API sends, which Arrow's cast parses exactly like the slow path.
-_CREATED_FAST = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 
-def _timestamps(values: Sequence[str | None]) -> tuple[pa.Array, dict[int, str]]:
-    """Parse a column of ``created`` strings: (array, {row: reason} for bad rows)."""
+def micros(moment: datetime) -> int:
+    """An aware datetime as microseconds since the epoch (a TIMESTAMPTZ column's value)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _timestamps(values: Sequence[str | None]) -> tuple[list[int | None], dict[int, str]]:
+    """Parse a column of ``created`` strings: (microseconds, {row: reason} for bad rows)."""
+    parsed: list[int | None] = []
     bad: dict[int, str] = {}
-    if None in values:
-        bad = {row: "created is missing, expected an RFC 3339 timestamp" for row, v in enumerate(values) if v is None}
-    strings = _strings(values)
-    if pc.all(pc.match_substring_regex(strings, _CREATED_FAST)).as_py() is not False:
-        try:
-            return strings.cast(_TIMESTAMP), bad
-        except pa.ArrowInvalid:
-            pass  # e.g. February 30th: the slow path finds out which rows
-    parsed: list[datetime | None] = []
     for row, text in enumerate(values):
+        if text is None:
+            parsed.append(None)
+            bad[row] = "created is missing, expected an RFC 3339 timestamp"
+            continue
         try:
-            parsed.append(None if text is None else parse_rfc3339(text))
+            parsed.append(micros(parse_rfc3339(text)))
         except ValueError as exc:
             parsed.append(None)
             bad[row] = str(exc)
-    return pa.array(parsed, _TIMESTAMP), bad
+    return parsed, bad
 
 
 # --------------------------------------------------------------------------- columns
-
-
-def _decimal_seconds(nanos: Sequence[int | None]) -> pa.Array:
-    """DECIMAL(38,9) from integer nanoseconds, exactly: the decimal's unscaled value is
-    the nanosecond count, so cast to DECIMAL(38,0) and reinterpret the scale."""
-    try:
-        unscaled = pa.array(nanos, pa.int64()).cast(pa.decimal128(38, 0))
-    except (OverflowError, pa.ArrowInvalid):  # beyond ±292 years: rare, slower
-        unscaled = pa.array(nanos, pa.decimal128(38, 0))
-    return unscaled.view(_DECIMAL)
-
-
-def _strings(values: Sequence[str | None]) -> pa.Array:
-    return pa.array(values, pa.string())
-
-
-def _utf8_column(values: Sequence[bytes | None]) -> pa.Array:
-    """UTF-8 bytes → a string column, built from one joined buffer (several times faster
-    than converting object by object); Arrow checks the UTF-8 of the whole column."""
-    offsets = array.array("q", [0])
-    offsets.extend(itertools.accumulate(0 if v is None else len(v) for v in values))
-    validity = None
-    if None in values:
-        validity = pa.array([v is not None for v in values], pa.bool_()).buffers()[1]
-    data = b"".join(v for v in values if v is not None)
-    buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
-    column = pa.Array.from_buffers(pa.large_string(), len(values), buffers)
-    column.validate(full=True)
-    return column.cast(pa.string())
 
 
 #: JSON escapes that Python's escape_decode reads otherwise (or not at all).
 _NOT_PYTHON_ESCAPE = re.compile(rb"\\[u/]")
 
 
-def _text_column(tokens: Sequence[msgspec.Raw]) -> pa.Array:
+def _text_column(tokens: Sequence[msgspec.Raw]) -> columns.Buffers:
     """JSON string tokens (or null) → a string column."""
-    return _utf8_column([_unescaped(token) for token in tokens])
+    return columns.utf8([_unescaped(token) for token in tokens])
 
 
 def _unescaped(token: msgspec.Raw) -> bytes | None:
@@ -302,7 +271,7 @@ class _Batch:
     """Rows for the three tables, filled call by call.
 
     A row is one tuple in the table's column order (one append per row instead of one
-    per column); the lists are transposed into columns once, in :meth:`columns`.
+    per column); the lists are transposed into columns once, by :func:`_batch_tables`.
     Stage tuples end with ``raw`` (bytes) instead of ``raw``, ``run_id`` and ``extracted_at``.
     """
 
@@ -370,13 +339,6 @@ class _Batch:
             if columns:
                 self.voice_rows.append((stage_id, call_id, role, *columns))
 
-    def columns(self) -> tuple[list[Sequence[Any]], list[Sequence[Any]], list[Sequence[Any]]]:
-        """The rows transposed: one sequence per column."""
-        return (
-            _transpose(self.stage_rows, len(_STAGE_ROW)),
-            _transpose(self.message_rows, len(_MESSAGE_ROW)),
-            _transpose(self.voice_rows, len(_VOICE_ROW)),
-        )
 
 
 #: (field, voice JSON) → its stage_voices columns, () for an empty voice, or why it fails its stage.
@@ -436,10 +398,10 @@ def failure_reason(exc: BaseException) -> str:
         text = "is not valid JSON"
     elif isinstance(exc, UnicodeError):
         text = "holds text that is not valid Unicode"
+    elif isinstance(exc, columns.TooMuchText):
+        text = str(exc)
     elif isinstance(exc, OverflowError):
         text = "holds a number out of range"
-    elif isinstance(exc, pa.ArrowInvalid) and "utf8" in str(exc).lower():
-        text = "holds text that is not valid Unicode"
     else:
         text = f"could not be flattened ({type(exc).__name__})"
     return " ".join(text.split())[:300]
@@ -481,21 +443,18 @@ _TOKEN_COLUMNS = frozenset({"system_prompt"})
 _DATA_TABLES = (schema.CALL_STAGES, schema.STAGE_INACTIVITY_MESSAGES, schema.STAGE_VOICES)
 
 
-def _column(values: Sequence[Any], column: schema.Column) -> pa.Array:
+def _column(values: Sequence[Any], column: schema.Column) -> columns.Buffers:
     if column.name in _JSON_COLUMNS:
-        return _utf8_column(values)
+        return columns.utf8(values)
     if column.name in _TOKEN_COLUMNS:
         return _text_column(values)
-    if column.sql_type == schema.DECIMAL:
-        return _decimal_seconds(values)
-    return pa.array(values, column.arrow_type)
+    return columns.column(column.sql_type, values)
 
 
-def _table(table: schema.Table, values: dict[str, Any]) -> pa.Table:
-    """An Arrow table in the schema's column order from lists/arrays by column name."""
-    arrays = [v if isinstance(v, (pa.Array, pa.ChunkedArray)) else _column(v, c) for c in table.columns
-              for v in (values[c.name],)]
-    return pa.Table.from_arrays(arrays, schema=table.arrow_schema)
+def _table(table: schema.Table, values: dict[str, Any], rows: int) -> columns.TableColumns:
+    """A table's columns in the schema's column order from lists (or ready columns) by name."""
+    built = [v if isinstance(v, columns.Buffers) else _column(v, c) for c in table.columns for v in (values[c.name],)]
+    return columns.TableColumns(table.name, rows, built)
 
 
 def _integral_counts(stage_cols: dict[str, Sequence[Any]], bad: dict[int, str]) -> None:
@@ -517,28 +476,25 @@ def _integral_counts(stage_cols: dict[str, Sequence[Any]], bad: dict[int, str]) 
         stage_cols[column] = fixed
 
 
-def _check_stage_rows(stage_cols: dict[str, Sequence[Any]]) -> tuple[dict[int, str], pa.Array]:
-    """Bulk checks over all stages of the batch: ({row: reason} for rows whose
+def _all_uuids(ids: Sequence[str]) -> bool:
+    return set(map(len, ids)) <= {36} and _UUIDS.fullmatch("".join(ids)) is not None
+
+
+def _check_stage_rows(stage_cols: dict[str, Sequence[Any]]) -> dict[int, str]:
+    """Bulk checks over all stages of the batch: {row: reason} for rows whose
     callStageId is not a UUID, whose ``created`` is not RFC 3339 or whose counts are
-    not integers; parsed ``created``)."""
+    not integers. ``created`` becomes microseconds, counts integers."""
     ids = stage_cols["call_stage_id"]
     bad: dict[int, str] = {}
-    if ids and not pc.all(pc.match_substring_regex(_strings(ids), _UUID_COLUMN)).as_py():
+    if not _all_uuids(ids):
         for row, stage_id in enumerate(ids):
             if not _UUID.fullmatch(stage_id):
                 bad[row] = f"stage {stage_cols['stage_index'][row]}: callStageId is not a UUID"
-    created, bad_created = _timestamps(stage_cols["created"])
+    stage_cols["created"], bad_created = _timestamps(stage_cols["created"])
     for row, reason in bad_created.items():
         bad.setdefault(row, f"stage {ids[row][:40]}: {reason}")
     _integral_counts(stage_cols, bad)
-    return bad, created
-
-
-def _without_calls(tables: dict[str, pa.Table], call_ids: list[str]) -> dict[str, pa.Table]:
-    if not call_ids:
-        return tables
-    drop = pa.array(call_ids, pa.string())
-    return {name: t.filter(pc.invert(pc.is_in(t["call_id"], value_set=drop))) for name, t in tables.items()}
+    return bad
 
 
 def _claim_stage_ids(owners: dict[str, str], rows: list[tuple[Any, ...]], call_id: str) -> None:
@@ -563,8 +519,23 @@ def transform_calls(
     calls: Sequence[tuple[str, Sequence[Any]]], run_id: str, extracted_at: datetime
 ) -> TransformResult:
     """Flatten each call's stages (in API order; objects or ``msgspec.Raw`` bytes) into
-    the three data tables. Calls that fail validation are in ``failures`` and have no
-    rows; whatever goes wrong with one call (any exception) fails that call only."""
+    the three data tables, as Arrow tables. Calls that fail validation are in
+    ``failures`` and have no rows; whatever goes wrong with one call (any exception)
+    fails that call only."""
+    return _transform(calls, run_id, extracted_at, arrow=True)
+
+
+def transform_columns(
+    calls: Sequence[tuple[str, Sequence[Any]]], run_id: str, extracted_at: datetime
+) -> TransformResult:
+    """:func:`transform_calls` with each table as its columns' buffers
+    (:class:`pipeline.columns.TableColumns`), without pyarrow."""
+    return _transform(calls, run_id, extracted_at, arrow=False)
+
+
+def _transform(
+    calls: Sequence[tuple[str, Sequence[Any]]], run_id: str, extracted_at: datetime, arrow: bool, isolate: bool = True
+) -> TransformResult:
     result = TransformResult(tables={})
     batch = _Batch()
     keys: dict[str, str] = {}  # normalised id → the caller's id
@@ -591,11 +562,11 @@ def transform_calls(
         result.stage_counts[call_id] = len(stages)
 
     try:
-        result.tables, failed = _batch_tables(batch, keys, run_id, extracted_at)
+        result.tables, failed = _batch_tables(batch, keys, run_id, extracted_at, arrow)
     except Exception as exc:
-        if len(accepted) > 1:
-            return _call_by_call(accepted, result, run_id, extracted_at)
-        result.tables, failed = _empty_tables(), {call_id: failure_reason(exc) for call_id, _ in accepted}
+        if isolate and len(accepted) > 1:
+            return _call_by_call(accepted, result, run_id, extracted_at, arrow)
+        result.tables, failed = _empty_tables(arrow), {call_id: failure_reason(exc) for call_id, _ in accepted}
     for call_id, reason in failed.items():
         result.failures[call_id] = reason
         result.stage_counts.pop(call_id, None)
@@ -603,52 +574,63 @@ def transform_calls(
 
 
 def _call_by_call(
-    accepted: list[tuple[str, Sequence[Any]]], result: TransformResult, run_id: str, extracted_at: datetime
+    accepted: list[tuple[str, Sequence[Any]]], result: TransformResult, run_id: str, extracted_at: datetime, arrow: bool
 ) -> TransformResult:
     """A bulk step failed for the batch: redo it one call at a time, so that only the
     call that causes it fails (slow, and only ever after a failure)."""
-    parts = [transform_calls([call], run_id, extracted_at) for call in accepted]
+    parts = [_transform([call], run_id, extracted_at, arrow) for call in accepted]
     for part in parts:
         result.failures.update(part.failures)
-    result.stage_counts = {c: n for part in parts for c, n in part.stage_counts.items()}
-    result.tables = {
-        name: pa.concat_tables([part.tables[name] for part in parts]) for name in _empty_tables()
-    }
+    if arrow:
+        import pyarrow as pa
+
+        result.stage_counts = {c: n for part in parts for c, n in part.stage_counts.items()}
+        result.tables = {name: pa.concat_tables([part.tables[name] for part in parts]) for name in _empty_tables(arrow)}
+        return result
+    # Columns do not concatenate: the calls that pass alone are built together once more.
+    kept = [call for call, part in zip(accepted, parts, strict=True) if not part.failures]
+    rest = _transform(kept, run_id, extracted_at, arrow, isolate=False)
+    result.failures.update(rest.failures)
+    result.stage_counts, result.tables = rest.stage_counts, rest.tables
     return result
 
 
-def _empty_tables() -> dict[str, pa.Table]:
-    return {t.name: t.arrow_schema.empty_table() for t in _DATA_TABLES}
+def _empty_tables(arrow: bool) -> dict[str, Any]:
+    if arrow:
+        return {t.name: t.arrow_schema.empty_table() for t in _DATA_TABLES}
+    return {t.name: columns.empty(t) for t in _DATA_TABLES}
 
 
 def _batch_tables(
-    batch: _Batch, keys: dict[str, str], run_id: str, extracted_at: datetime
-) -> tuple[dict[str, pa.Table], dict[str, str]]:
+    batch: _Batch, keys: dict[str, str], run_id: str, extracted_at: datetime, arrow: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The batch's rows as the three tables, and {call id: reason} for the calls that
     the bulk checks fail (their rows are left out)."""
-    stage_lists, message_lists, voice_lists = batch.columns()
-    stage_cols = dict(zip(_STAGE_ROW, stage_lists))
-    bad_rows, created = _check_stage_rows(stage_cols)
+    stage_cols = dict(zip(_STAGE_ROW, _transpose(batch.stage_rows, len(_STAGE_ROW))))
+    bad_rows = _check_stage_rows(stage_cols)
     failures: dict[str, str] = {}
-    failed: list[str] = []
     for row, reason in sorted(bad_rows.items()):
         normal = stage_cols["call_id"][row]
         if keys[normal] not in failures:
-            failed.append(normal)
             failures[keys[normal]] = reason[:300]
+    message_rows, voice_rows = batch.message_rows, batch.voice_rows
+    if failures:
+        failed = {normal for normal, call_id in keys.items() if call_id in failures}
+        kept = [row for row, call_id in enumerate(stage_cols["call_id"]) if call_id not in failed]
+        stage_cols = {name: [values[row] for row in kept] for name, values in stage_cols.items()}
+        message_rows = [row for row in message_rows if row[1] not in failed]
+        voice_rows = [row for row in voice_rows if row[1] not in failed]
 
-    n = len(created)
+    n = len(stage_cols["call_id"])
     stage_values: dict[str, Any] = {
         **stage_cols,
-        "created": created,
-        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
-        "extracted_at": pa.repeat(pa.scalar(extracted_at, _TIMESTAMP), n),
+        "run_id": columns.repeat_text(run_id, n),
+        "extracted_at": columns.fixed(schema.TIMESTAMPTZ, [micros(extracted_at)] * n),
     }
-    tables = {
-        schema.CALL_STAGES.name: _table(schema.CALL_STAGES, stage_values),
-        schema.STAGE_INACTIVITY_MESSAGES.name: _table(
-            schema.STAGE_INACTIVITY_MESSAGES, dict(zip(_MESSAGE_ROW, message_lists))
-        ),
-        schema.STAGE_VOICES.name: _table(schema.STAGE_VOICES, dict(zip(_VOICE_ROW, voice_lists))),
-    }
-    return _without_calls(tables, failed), failures
+    tables = [
+        _table(schema.CALL_STAGES, stage_values, n),
+        _table(schema.STAGE_INACTIVITY_MESSAGES, dict(zip(_MESSAGE_ROW, _transpose(message_rows, len(_MESSAGE_ROW)))),
+               len(message_rows)),
+        _table(schema.STAGE_VOICES, dict(zip(_VOICE_ROW, _transpose(voice_rows, len(_VOICE_ROW)))), len(voice_rows)),
+    ]
+    return {t.name: columns.to_arrow(t) if arrow else t for t in tables}, failures

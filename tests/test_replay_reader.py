@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 import pipeline.replay_reader as replay_reader
+from pipeline import columns
 from conftest import eventually
 from pipeline.batch import PreparedBatch
 from pipeline.cli import cli
@@ -115,7 +116,8 @@ def test_a_reader_that_dies_fails_the_replay_with_one_line_exit_4_and_the_run_cr
 
 
 def _rows(tables) -> dict[str, list[dict]]:
-    """Rows by table, without the batch's extraction time."""
+    """Rows by table (Arrow tables or the reader's columns), without the batch's extraction time."""
+    tables = {name: t if isinstance(t, pa.Table) else columns.to_arrow(t) for name, t in tables.items()}
     return {name: t.drop_columns([c for c in ("extracted_at",) if c in t.column_names]).to_pylist() for name, t in tables.items()}
 
 
@@ -214,10 +216,21 @@ def test_messages_carry_tables_outcomes_and_bad_lines_through_the_pipe(tmp_path:
         len(data.stages_for(c)) for c in data.call_ids)
 
 
-def test_table_frames_cross_a_pipe_intact_around_a_frame_too_big_to_reuse(monkeypatch) -> None:
-    monkeypatch.setattr(replay_reader, "REUSED_FRAME_BYTES", 4 << 20)
-    sizes = [3 << 20, 100, 9 << 20, 2 << 20]  # the 9 MiB frame gets a buffer of its own
-    tables = [pa.table({"text": [os.urandom(n // 2).hex()], "n": [n]}) for n in sizes]
+def test_table_frames_cross_a_pipe_intact_bigger_than_the_pipe_with_nulls_and_every_type() -> None:
+    from pipeline import schema
+
+    def voices(n: int, text: int) -> columns.TableColumns:
+        values = {"call_stage_id": [f"s{i}" for i in range(n)], "call_id": ["c"] * n, "role": ["external"] * n,
+                  "provider": [None if i % 3 else "lmnt" for i in range(n)], "voice_id": [os.urandom(text).hex()] * n,
+                  "model": ["m\u00fc"] * n, "speed": [None if i % 2 else i / 4 for i in range(n)],
+                  "settings": [b'{"v":"\xc3\xa9"}'] * n}
+        built = [columns.utf8(values[c.name]) if c.sql_type == schema.JSON else columns.column(c.sql_type, values[c.name])
+                 for c in schema.STAGE_VOICES.columns]
+        return columns.TableColumns("stage_voices", n, built)
+
+    sizes = [(3, 1 << 20), (1, 5), (0, 0), (1000, 3000), (7, 2 << 20)]  # frames above the 1 MiB pipe take turns
+    tables = [voices(n, text) for n, text in sizes]
+    expected = [columns.to_arrow(t) for t in tables]
     read_fd, write_fd = os.pipe()
     receiving, sending = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     sender = replay_reader._FrameSender(sending)
@@ -225,18 +238,20 @@ def test_table_frames_cross_a_pipe_intact_around_a_frame_too_big_to_reuse(monkey
 
     def receive() -> None:
         for _ in tables:
-            _, _, names = pickle.loads(receiving.recv_bytes())
-            got.extend(pa.ipc.open_stream(replay_reader._read_frame(read_fd)).read_all() for _ in names)
+            _, _, layouts = pickle.loads(receiving.recv_bytes())
+            got.extend(replay_reader._read_table(read_fd, layout) for layout in layouts)
 
     thread = threading.Thread(target=receive)
     thread.start()
-    for table in tables:  # each frame is bigger than the pipe: writes and reads take turns
-        sender.send(replay_reader.ReplayMessage([], PreparedBatch({"t": table}, [], [], 1, table.nbytes)))
+    for table in tables:
+        sender.send(replay_reader.ReplayMessage([], PreparedBatch({"stage_voices": table}, [], [], 1, table.nbytes)))
     thread.join(timeout=30)
     receiving.close()
     sending.close()
-    assert [t.equals(w) for t, w in zip(got, tables, strict=True)] == [True] * 4
-    assert sender._frame.size < 4 << 20  # the big frame's buffer was not kept
+    assert [t.equals(w) for t, w in zip(got, expected, strict=True)] == [True] * len(sizes)
+    assert got[0]["provider"].null_count == 2 and got[3]["speed"].null_count == 500
+    # Fixed-width values stay 8-byte aligned inside the received buffer.
+    assert all(buf.address % 8 == 0 for t in got for c in t.columns for chunk in c.chunks for buf in chunk.buffers() if buf)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +264,8 @@ def big_landing_zone(tmp_path_factory) -> Path:
 def test_sigterm_during_replay_commits_whole_batches_exits_143_and_ends_the_reader(tmp_path: Path, big_landing_zone: Path) -> None:
     db = tmp_path / "w.duckdb"
     config = tmp_path / "small-batches.toml"
-    config.write_text("replay_batch_stages = 100\n")
+    # Small batches, so the reader waits for the commits (a batch's bytes are read ahead) and is alive at the signal.
+    config.write_text("replay_batch_stages = 100\nreplay_batch_bytes = 65536\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
          "--log-format", "json"],
@@ -412,7 +428,7 @@ def _prepared(calls: list[tuple[str, list[dict]]]):
 
 
 def test_merged_batches_keep_a_stage_id_under_one_call_and_the_later_fetch_of_a_call() -> None:
-    from pipeline.batch import merge_batches as merge
+    from pipeline.parts import merge_batches as merge
 
     data = SyntheticData(n_calls=6, seed=3)
     a, b, c, d = data.call_ids[:4]

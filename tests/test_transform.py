@@ -581,22 +581,26 @@ def test_any_exception_while_flattening_fails_only_that_call(monkeypatch) -> Non
     assert result.tables["call_stages"]["call_id"].to_pylist() == [uid(1), uid(3)]
 
 
-def test_a_bulk_step_failing_is_retried_call_by_call(monkeypatch) -> None:
+@pytest.mark.parametrize("as_columns", [False, True], ids=["arrow", "columns"])
+def test_a_bulk_step_failing_is_retried_call_by_call(monkeypatch, as_columns: bool) -> None:
+    import pipeline.columns as columns
     import pipeline.transform as transform
 
-    real = transform._utf8_column
+    real = columns.utf8
 
     def fragile(values):
         if any(b"poison" in value for value in values if value):
             raise OverflowError("sk-live-123 TOP SECRET")
         return real(values)
 
-    monkeypatch.setattr(transform, "_utf8_column", fragile)
+    monkeypatch.setattr(columns, "utf8", fragile)
     calls = [(uid(n), [simple_stage(uid(n), n, model="poison" if n == 2 else "m")]) for n in range(1, 5)]
-    result = transform_calls(calls, RUN, NOW)
+    result = (transform.transform_columns if as_columns else transform_calls)(calls, RUN, NOW)
     assert result.failures == {uid(2): "holds a number out of range"}
     assert result.stage_counts == {uid(1): 1, uid(3): 1, uid(4): 1}
     for name, table in result.tables.items():
+        if as_columns:
+            table = columns.to_arrow(table)
         assert sorted(set(table["call_id"].to_pylist())) == [uid(1), uid(3), uid(4)], name
         assert table.schema == transform._DATA_TABLES[[t.name for t in transform._DATA_TABLES].index(name)].arrow_schema
 
