@@ -671,3 +671,42 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
     assert owners.rows["call_id"].num_chunks <= MAX_INDEX_CHUNKS + 1
     assert owners.rows.num_rows == MAX_INDEX_CHUNKS + 39
     assert owners.lookup(pa.array([stage_uuid(7, 0)])).to_pylist() == [{"call_stage_id": stage_uuid(7, 0), "call_id": call_uuid(7)}]
+
+
+@pytest.mark.parametrize("in_runs", [True, False], ids=["parts-in-day-order", "unordered"])
+def test_a_batch_splits_into_its_folders_alike_whether_its_rows_come_in_runs_or_not(in_runs: bool) -> None:
+    """Replay's parts come in day order: their folders are slices of the batch, gathered
+    only when written (no copy of the whole batch); other batches are gathered in one take."""
+    from pipeline.load.parquet import PartitionRows, split_by_partition
+
+    days = [f"2026-11-{d:02d}" for d in range(1, 8)]
+    rng = random.Random(7)
+    parts = []
+    for part in range(12):  # chunks, like a batch of parts
+        values = sorted(rng.choice(days) for _ in range(200)) if in_runs else [rng.choice(days) for _ in range(200)]
+        parts.append(pa.table({"day": values, "n": [part * 1000 + i for i in range(200)],
+                               "text": [rng.randbytes(rng.randint(0, 50)).hex() for _ in range(200)]}))
+    rows = pa.concat_tables(parts)
+    values = rows["day"]
+    groups = split_by_partition(rows, "t", "day", values)
+    assert all(isinstance(g, PartitionRows) for g in groups.values()) is in_runs
+    got = {name: g.gather() if isinstance(g, PartitionRows) else g for name, g in groups.items()}
+    expected = {f"t/day={day}": rows.filter(pa.compute.equal(values, day)) for day in sorted(set(values.to_pylist()))}
+    assert list(got) == list(expected)
+    assert all(got[name].equals(expected[name].combine_chunks()) for name in expected)
+
+
+def test_replays_parts_come_in_day_order_and_children_follow_their_stage() -> None:
+    from pipeline.columns import to_arrow
+    from pipeline.sandbox import SyntheticData
+    from pipeline.transform import transform_columns
+
+    data = SyntheticData(n_calls=60, seed=3)
+    result = transform_columns([(c, data.stages_for(c)) for c in data.call_ids], "run-1", datetime(2026, 12, 1, tzinfo=UTC))
+    stages = to_arrow(result.tables["call_stages"])
+    days = [None if c is None else c.date().isoformat() for c in stages["created"].to_pylist()]
+    assert days == sorted(days, key=lambda d: d or "") and len(set(days)) > 5
+    day_of = dict(zip(stages["call_stage_id"].to_pylist(), days, strict=True))
+    for name in ("stage_inactivity_messages", "stage_voices"):
+        children = to_arrow(result.tables[name])["call_stage_id"].to_pylist()
+        assert len(children) > 20 and [day_of[s] for s in children] == sorted((day_of[s] for s in children), key=lambda d: d or "")

@@ -136,6 +136,8 @@ ROW_GROUP_ROWS = 65_536
 #: A merged file's row groups hold at most about this many bytes of rows (Arrow), which
 #: bounds what a merge holds in memory; existing files are read MERGE_READ_ROWS at a time.
 MERGE_ROW_GROUP_BYTES = 16 << 20
+#: Rows in at most this many runs of one partition each are split by slices (or in an eighth as many runs as rows).
+MAX_SLICED_RUNS = 64
 MERGE_READ_ROWS = 1024
 #: Columns of unique ids or free text: zstd, no dictionary (it never pays off and costs a
 #: hash of every value), and free text gets no min/max statistics (useless for pruning).
@@ -546,16 +548,41 @@ def _compactions(sizes: Mapping[str, int]) -> list[list[str]]:
     return groups
 
 
-def split_by_partition(rows: pa.Table, folder: str, column: str | None, values: pa.Array | None) -> dict[str, pa.Table]:
-    """Rows grouped by partition folder: one sort of the (short) partition values and one
-    gather of the rows in that order (chunks and all), each folder a slice of it."""
+@dataclass(frozen=True)
+class PartitionRows:
+    """One partition folder's rows as slices of a batch, gathered only when its file is
+    written: the commit holds no second copy of the whole batch."""
+
+    pieces: tuple[pa.Table, ...]
+
+    def gather(self) -> pa.Table:
+        return pa.concat_tables(self.pieces).combine_chunks()
+
+
+def split_by_partition(
+    rows: pa.Table, folder: str, column: str | None, values: pa.Array | None
+) -> dict[str, pa.Table | PartitionRows]:
+    """Rows grouped by partition folder. Rows in few runs of one folder each (replay's
+    parts come in day order) are each folder's slices, gathered when written;
+    otherwise one sort of the (short) partition values and one gather of the rows in
+    that order (chunks and all), each folder a slice of it."""
     if not rows.num_rows:
         return {}
     if column is None or values is None:
         return {folder: rows}
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    runs = pc.run_end_encode(values)
+    if len(runs.values) <= max(MAX_SLICED_RUNS, rows.num_rows // 8):
+        slices: dict[str, list[pa.Table]] = {}
+        start = 0
+        for value, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+            slices.setdefault(f"{folder}/{column}={value}", []).append(rows.slice(start, end - start))
+            start = end
+        return {name: PartitionRows(tuple(pieces)) for name, pieces in sorted(slices.items())}
     order = pc.sort_indices(values)
     ordered = rows.take(order)
-    groups: dict[str, pa.Table] = {}
+    groups: dict[str, pa.Table | PartitionRows] = {}
     offset = 0
     for item in pc.value_counts(pc.take(values, order)):  # sorted input → runs in order
         value, count = item["values"].as_py(), item["counts"].as_py()
@@ -639,7 +666,7 @@ class FileJob:
     staged: Path
     #: Files to carry over, each with the keys whose rows are dropped (None: keep all).
     sources: list[tuple[Path, pa.Array | None]]
-    rows: pa.Table | None
+    rows: pa.Table | PartitionRows | None
 
     def build(self, io_pool: ThreadPoolExecutor) -> tuple[pa.Array, int, Future[None]] | None:
         """Write the file and queue its fsync; return its distinct keys, its size and
@@ -654,7 +681,7 @@ class FileJob:
                             rows = rows.filter(pc.invert(pc.is_in(rows[out.key], value_set=drop)))
                         out.add(rows)
             if self.rows is not None:
-                out.add(self.rows)
+                out.add(self.rows.gather() if isinstance(self.rows, PartitionRows) else self.rows)
             keys = out.close()
         except BaseException:
             out.abort()
@@ -685,7 +712,7 @@ class Transaction:
         """Current rows of ``table`` whose key is in ``keys`` (reads only their files)."""
         return _rows_with_keys(self.root, self.per_table, table, keys)
 
-    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table]) -> None:
+    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table | PartitionRows]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
 
         Only folders holding removed keys or receiving rows are touched, and in them
@@ -699,7 +726,7 @@ class Transaction:
         self.deletes[table.name] = gone
 
     def _plan_folder(
-        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | None
+        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | PartitionRows | None
     ) -> list[str]:
         """Queue the new files of one folder; return the files they supersede."""
         size = self._files[table.name].get(folder, {})
@@ -721,7 +748,9 @@ class Transaction:
             self._submit(table, folder, sources, rows)
         return rewrite + [rel for group in [small, *merges] for rel in group]
 
-    def _submit(self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | None) -> None:
+    def _submit(
+        self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | PartitionRows | None
+    ) -> None:
         self._seq += 1
         job = FileJob(
             table,
@@ -1001,7 +1030,7 @@ class ParquetWarehouse(Warehouse):
             raise
 
 
-def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table]]:
+def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table | PartitionRows]]:
     """The batch's rows of each data table, split into partition folders."""
     empty = {t.name: t.arrow_schema.empty_table() for t in schema.DATA_TABLES}
     rows = {}
