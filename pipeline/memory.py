@@ -12,8 +12,8 @@ Three allocator effects made RSS sit well above the data actually alive between 
   :func:`use_system_allocator` fixes the threshold and caps the arenas.
 
 Two more are set before pyarrow loads (``pipeline/__init__.py``): the system allocator
-also for the buffers pyarrow's C++ allocates on its own, and mimalloc, which the replay
-reader keeps for speed, commits its arenas on first use instead of up front.
+also for the buffers pyarrow's C++ allocates on its own, and mimalloc (pyarrow's own
+default, which it still sets up) commits its arenas on first use instead of up front.
 
 All are best effort: other platforms and C libraries are left as they are.
 """

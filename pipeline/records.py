@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from pipeline.ledger import CallStatus, CallTally, RunStatus
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -52,6 +56,11 @@ def parse_rfc3339(text: str) -> datetime:
         return local.replace(tzinfo=timezone(offset)).astimezone(timezone.utc)
     except (ValueError, OverflowError):
         raise ValueError(f"created {text[:40]!r} is not a valid date and time") from None
+
+
+def micros(moment: datetime) -> int:
+    """An aware datetime as microseconds since the epoch (a TIMESTAMPTZ column's value)."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def new_run_id(now: datetime | None = None) -> str:

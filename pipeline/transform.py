@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -36,7 +36,7 @@ from pipeline.api_schema import (
     describe, needs_fallback,
 )
 from pipeline.durations import duration_nanos
-from pipeline.records import parse_rfc3339
+from pipeline.records import micros, parse_rfc3339
 from pipeline.redact import RedactionError, fold_ascii, may_hold_secret, redact_stage, redact_voice
 
 ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
@@ -45,8 +45,6 @@ UNSPECIFIED = "END_BEHAVIOR_UNSPECIFIED"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Stage ids of 36 characters each, joined: all are UUIDs when this matches (one pass in C).
 _UUIDS = re.compile(f"(?:{_UUID.pattern})*")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: A ``\\u`` escape (a regex finds it faster than ``in`` among many ``\\n`` escapes).
 _ESCAPE_U = re.compile(rb"\\u")
@@ -113,11 +111,6 @@ def _duration_nanos(text: str, where: str) -> int:
 
 
 # --------------------------------------------------------------------------- timestamps
-
-
-def micros(moment: datetime) -> int:
-    """An aware datetime as microseconds since the epoch (a TIMESTAMPTZ column's value)."""
-    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _timestamps(values: Sequence[str | None]) -> tuple[list[int | None], dict[int, str]]:

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import columns, schema
-from pipeline.records import parse_rfc3339
-from pipeline.transform import failure_reason, micros
+from pipeline.records import micros, parse_rfc3339
+from pipeline.transform import failure_reason
 
 _TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 _VALUES = {
