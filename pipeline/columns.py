@@ -30,7 +30,8 @@ class TooMuchText(ValueError):
 
 @dataclass
 class Buffers:
-    """One column: validity bitmap (None: no nulls), offsets (text only) and values.
+    """One column: validity bitmap (None: no nulls), offsets (text only) and values, each
+    bytes-like (bytes as built; slices of the received frame in the committing process).
 
     ``checked`` is False for text gathered as bytes, whose UTF-8 :func:`to_arrow` checks."""
 
@@ -52,10 +53,6 @@ class TableColumns:
     name: str
     rows: int
     columns: list[Buffers]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(part) for column in self.columns for part in column.parts() if part is not None)
 
 
 def _bitmap(values: Sequence[Any]) -> bytes:

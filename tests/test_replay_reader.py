@@ -244,7 +244,7 @@ def test_table_frames_cross_a_pipe_intact_bigger_than_the_pipe_with_nulls_and_ev
     thread = threading.Thread(target=receive)
     thread.start()
     for table in tables:
-        sender.send(replay_reader.ReplayMessage([], PreparedBatch({"stage_voices": table}, [], [], 1, table.nbytes)))
+        sender.send(replay_reader.ReplayMessage([], PreparedBatch({"stage_voices": table}, [], [], 1, 0)))
     thread.join(timeout=30)
     receiving.close()
     sending.close()
