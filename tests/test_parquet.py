@@ -710,3 +710,18 @@ def test_replays_parts_come_in_day_order_and_children_follow_their_stage() -> No
     for name in ("stage_inactivity_messages", "stage_voices"):
         children = to_arrow(result.tables[name])["call_stage_id"].to_pylist()
         assert len(children) > 20 and [day_of[s] for s in children] == sorted((day_of[s] for s in children), key=lambda d: d or "")
+
+
+def test_a_replay_sized_batch_of_parts_over_a_month_splits_by_slices() -> None:
+    """A replay's batch: about 32 parts of ~233 stages, each in day order over 31 days
+    (nearly every day in every part): still sliced, never gathered in one copy."""
+    from pipeline.load.parquet import PartitionRows, split_by_partition
+
+    rng = random.Random(11)
+    days = [f"2026-10-{d:02d}" for d in range(1, 32)]
+    rows = pa.concat_tables(
+        pa.table({"day": sorted(rng.choice(days) for _ in range(233)), "n": list(range(233))}) for _ in range(32)
+    )
+    groups = split_by_partition(rows, "t", "day", rows["day"])
+    assert len(groups) == 31 and all(isinstance(g, PartitionRows) for g in groups.values())
+    assert sum(g.gather().num_rows for g in groups.values()) == rows.num_rows

@@ -136,7 +136,7 @@ ROW_GROUP_ROWS = 65_536
 #: A merged file's row groups hold at most about this many bytes of rows (Arrow), which
 #: bounds what a merge holds in memory; existing files are read MERGE_READ_ROWS at a time.
 MERGE_ROW_GROUP_BYTES = 16 << 20
-#: Rows in at most this many runs of one partition each are split by slices (or in an eighth as many runs as rows).
+#: Rows in at most this many runs of one partition each are split by slices (or in a quarter as many runs as rows).
 MAX_SLICED_RUNS = 64
 MERGE_READ_ROWS = 1024
 #: Columns of unique ids or free text: zstd, no dictionary (it never pays off and costs a
@@ -573,7 +573,7 @@ def split_by_partition(
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     runs = pc.run_end_encode(values)
-    if len(runs.values) <= max(MAX_SLICED_RUNS, rows.num_rows // 8):
+    if len(runs.values) <= max(MAX_SLICED_RUNS, rows.num_rows // 4):
         slices: dict[str, list[pa.Table]] = {}
         start = 0
         for value, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
