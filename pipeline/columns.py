@@ -137,9 +137,9 @@ def empty(table: schema.Table) -> TableColumns:
     return TableColumns(table.name, 0, [column(c.sql_type, ()) for c in table.columns])
 
 
-def to_arrow(columns: TableColumns) -> pa.Table:
+def to_arrow(columns: TableColumns, check_utf8: bool = True) -> pa.Table:
     """The columns as an Arrow table of their schema, sharing their buffers; text gathered
-    as bytes is checked to be UTF-8 (UnicodeError otherwise)."""
+    as bytes is checked to be UTF-8 (UnicodeError otherwise) unless ``check_utf8`` is off."""
     import pyarrow as pa
 
     table = schema.TABLES[columns.name]
@@ -147,7 +147,7 @@ def to_arrow(columns: TableColumns) -> pa.Table:
     for spec, buffers in zip(table.columns, columns.columns, strict=True):
         parts = [None if part is None else pa.py_buffer(part) for part in buffers.parts()]
         values = pa.Array.from_buffers(spec.arrow_type, columns.rows, parts, null_count=buffers.null_count)
-        if not buffers.checked:
+        if check_utf8 and not buffers.checked:
             try:
                 values.validate(full=True)
             except pa.ArrowInvalid as exc:

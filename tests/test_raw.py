@@ -356,3 +356,17 @@ def test_a_damaged_gzip_file_keeps_its_lines_before_the_damage_and_the_next_file
         assert loaded == {c for c, _ in calls}
     elif damage == "cut":
         assert 0 < len(loaded & {c for c, _ in calls[:50]}) < 50
+
+
+def test_a_long_line_is_checked_for_utf8_a_piece_at_a_time(tmp_path, monkeypatch) -> None:
+    """Lines of 1 MiB and more are decoded in pieces (not as one str): a character split
+    between two pieces is fine, a bad byte past the first piece is still found."""
+    monkeypatch.setattr(raw_module, "_DECODE_BELOW_BYTES", 1_000)
+    # Two-byte characters straddle every piece boundary (json.dumps would escape them).
+    split = line(1, systemPrompt="PROMPT").replace(b"PROMPT", "é".encode() * 3_000)
+    broken = line(2, systemPrompt="x" * 3_000).replace(b"x" * 10 + b'"', b"x" * 9 + b'\xff"')
+    result, bad = _replayed_tables(tmp_path, split + broken + line(3))
+    assert sorted(result.stage_counts) == [uid(1), uid(3)]
+    assert [b.where.rsplit(":", 1)[1] for b in bad] == ["2"] and "UTF-8" in bad[0].reason
+    prompt, = [p for p in result.tables["call_stages"]["system_prompt"].to_pylist() if p.startswith("é")]
+    assert prompt == "é" * 3_000
