@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
