@@ -522,7 +522,7 @@ def transform_columns(
     calls: Sequence[tuple[str, Sequence[Any]]], run_id: str, extracted_at: datetime
 ) -> TransformResult:
     """:func:`transform_calls` with each table as its columns' buffers
-    (:class:`pipeline.columns.TableColumns`), without pyarrow."""
+    (:class:`pipeline.columns.TableColumns`), without pyarrow, rows in day order."""
     return _transform(calls, run_id, extracted_at, arrow=False)
 
 
@@ -574,13 +574,8 @@ def _call_by_call(
     parts = [_transform([call], run_id, extracted_at, arrow) for call in accepted]
     for part in parts:
         result.failures.update(part.failures)
-    if arrow:
-        import pyarrow as pa
-
-        result.stage_counts = {c: n for part in parts for c, n in part.stage_counts.items()}
-        result.tables = {name: pa.concat_tables([part.tables[name] for part in parts]) for name in _empty_tables(arrow)}
-        return result
-    # Columns do not concatenate: the calls that pass alone are built together once more.
+    # The calls that pass alone are built together once more (a batch holds at most one
+    # call above its byte budget, so together they fit what each fits alone).
     kept = [call for call, part in zip(accepted, parts, strict=True) if not part.failures]
     rest = _transform(kept, run_id, extracted_at, arrow, isolate=False)
     result.failures.update(rest.failures)
@@ -597,7 +592,7 @@ def _empty_tables(arrow: bool) -> dict[str, Any]:
 def _by_day(batch: _Batch) -> None:
     """Rows in order of their stage's ``created`` date (its text before the T; a stable
     sort): the Parquet output then splits a replay's batch of such parts into its date
-    folders by slices, without a copy of the batch."""
+    folders by slices, without a copy of the batch. Arrow tables keep the API's order."""
     day = {row[0]: row[3][:10] if type(row[3]) is str else "" for row in batch.stage_rows}
     for rows in (batch.stage_rows, batch.message_rows, batch.voice_rows):
         rows.sort(key=lambda row: day[row[0]])

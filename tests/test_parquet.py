@@ -677,7 +677,7 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
 def test_a_batch_splits_into_its_folders_alike_whether_its_rows_come_in_runs_or_not(in_runs: bool) -> None:
     """Replay's parts come in day order: their folders are slices of the batch, gathered
     only when written (no copy of the whole batch); other batches are gathered in one take."""
-    from pipeline.load.parquet import PartitionRows, split_by_partition
+    from pipeline.load.parquet import split_by_partition
 
     days = [f"2026-11-{d:02d}" for d in range(1, 8)]
     rng = random.Random(7)
@@ -689,8 +689,8 @@ def test_a_batch_splits_into_its_folders_alike_whether_its_rows_come_in_runs_or_
     rows = pa.concat_tables(parts)
     values = rows["day"]
     groups = split_by_partition(rows, "t", "day", values)
-    assert all(isinstance(g, PartitionRows) for g in groups.values()) is in_runs
-    got = {name: g.gather() if isinstance(g, PartitionRows) else g for name, g in groups.items()}
+    assert all(len(g.pieces) > 1 for g in groups.values()) is in_runs  # slices of every part, or one gathered run
+    got = {name: g.gather() for name, g in groups.items()}
     expected = {f"t/day={day}": rows.filter(pa.compute.equal(values, day)) for day in sorted(set(values.to_pylist()))}
     assert list(got) == list(expected)
     assert all(got[name].equals(expected[name].combine_chunks()) for name in expected)
@@ -715,7 +715,7 @@ def test_replays_parts_come_in_day_order_and_children_follow_their_stage() -> No
 def test_a_replay_sized_batch_of_parts_over_a_month_splits_by_slices() -> None:
     """A replay's batch: about 32 parts of ~233 stages, each in day order over 31 days
     (nearly every day in every part): still sliced, never gathered in one copy."""
-    from pipeline.load.parquet import PartitionRows, split_by_partition
+    from pipeline.load.parquet import split_by_partition
 
     rng = random.Random(11)
     days = [f"2026-10-{d:02d}" for d in range(1, 32)]
@@ -723,5 +723,5 @@ def test_a_replay_sized_batch_of_parts_over_a_month_splits_by_slices() -> None:
         pa.table({"day": sorted(rng.choice(days) for _ in range(233)), "n": list(range(233))}) for _ in range(32)
     )
     groups = split_by_partition(rows, "t", "day", rows["day"])
-    assert len(groups) == 31 and all(isinstance(g, PartitionRows) for g in groups.values())
+    assert len(groups) == 31 and all(len(g.pieces) > 1 for g in groups.values())
     assert sum(g.gather().num_rows for g in groups.values()) == rows.num_rows

@@ -556,12 +556,14 @@ class PartitionRows:
     pieces: tuple[pa.Table, ...]
 
     def gather(self) -> pa.Table:
+        if len(self.pieces) == 1:
+            return self.pieces[0]
         return pa.concat_tables(self.pieces).combine_chunks()
 
 
 def split_by_partition(
     rows: pa.Table, folder: str, column: str | None, values: pa.Array | None
-) -> dict[str, pa.Table | PartitionRows]:
+) -> dict[str, PartitionRows]:
     """Rows grouped by partition folder. Rows in few runs of one folder each (replay's
     parts come in day order) are each folder's slices, gathered when written;
     otherwise one sort of the (short) partition values and one gather of the rows in
@@ -569,7 +571,7 @@ def split_by_partition(
     if not rows.num_rows:
         return {}
     if column is None or values is None:
-        return {folder: rows}
+        return {folder: PartitionRows((rows,))}
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     runs = pc.run_end_encode(values)
@@ -582,11 +584,11 @@ def split_by_partition(
         return {name: PartitionRows(tuple(pieces)) for name, pieces in sorted(slices.items())}
     order = pc.sort_indices(values)
     ordered = rows.take(order)
-    groups: dict[str, pa.Table | PartitionRows] = {}
+    groups: dict[str, PartitionRows] = {}
     offset = 0
     for item in pc.value_counts(pc.take(values, order)):  # sorted input → runs in order
         value, count = item["values"].as_py(), item["counts"].as_py()
-        groups[f"{folder}/{column}={value}"] = ordered.slice(offset, count)
+        groups[f"{folder}/{column}={value}"] = PartitionRows((ordered.slice(offset, count),))
         offset += count
     return groups
 
@@ -666,7 +668,7 @@ class FileJob:
     staged: Path
     #: Files to carry over, each with the keys whose rows are dropped (None: keep all).
     sources: list[tuple[Path, pa.Array | None]]
-    rows: pa.Table | PartitionRows | None
+    rows: PartitionRows | None
 
     def build(self, io_pool: ThreadPoolExecutor) -> tuple[pa.Array, int, Future[None]] | None:
         """Write the file and queue its fsync; return its distinct keys, its size and
@@ -681,7 +683,7 @@ class FileJob:
                             rows = rows.filter(pc.invert(pc.is_in(rows[out.key], value_set=drop)))
                         out.add(rows)
             if self.rows is not None:
-                out.add(self.rows.gather() if isinstance(self.rows, PartitionRows) else self.rows)
+                out.add(self.rows.gather())
             keys = out.close()
         except BaseException:
             out.abort()
@@ -712,7 +714,7 @@ class Transaction:
         """Current rows of ``table`` whose key is in ``keys`` (reads only their files)."""
         return _rows_with_keys(self.root, self.per_table, table, keys)
 
-    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, pa.Table | PartitionRows]) -> None:
+    def replace(self, table: schema.Table, remove: pa.Array, groups: Mapping[str, PartitionRows]) -> None:
         """Drop rows whose key is in ``remove``; add ``groups`` (partition → rows).
 
         Only folders holding removed keys or receiving rows are touched, and in them
@@ -726,7 +728,7 @@ class Transaction:
         self.deletes[table.name] = gone
 
     def _plan_folder(
-        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: pa.Table | PartitionRows | None
+        self, table: schema.Table, folder: str, hits: set[str], remove: pa.Array, rows: PartitionRows | None
     ) -> list[str]:
         """Queue the new files of one folder; return the files they supersede."""
         size = self._files[table.name].get(folder, {})
@@ -749,7 +751,7 @@ class Transaction:
         return rewrite + [rel for group in [small, *merges] for rel in group]
 
     def _submit(
-        self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: pa.Table | PartitionRows | None
+        self, table: schema.Table, folder: str, sources: list[tuple[Path, pa.Array | None]], rows: PartitionRows | None
     ) -> None:
         self._seq += 1
         job = FileJob(
@@ -1030,7 +1032,7 @@ class ParquetWarehouse(Warehouse):
             raise
 
 
-def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, pa.Table | PartitionRows]]:
+def _data_groups(tables: Mapping[str, pa.Table], replaced: pa.Array) -> dict[str, dict[str, PartitionRows]]:
     """The batch's rows of each data table, split into partition folders."""
     empty = {t.name: t.arrow_schema.empty_table() for t in schema.DATA_TABLES}
     rows = {}
