@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline import columns
 from conftest import eventually
 from pipeline.batch import PreparedBatch
 from pipeline.cli import cli
-from pipeline.load import query_connection
+from pipeline.load import lock_file, query_connection
 from pipeline.replay_reader import ReaderError, ReplayReader, messages
 from pipeline.sandbox import SyntheticData, write_landing_zone
 
@@ -53,16 +54,16 @@ def _readers_of(raw: Path) -> list[int]:
     return pids
 
 
-def _live_run(db: Path) -> dict:
-    """The run writing ``db`` as its lock file publishes it ({} before it has started)."""
+def _live_run(lock: Path) -> dict:
+    """The run as its lock file publishes it ({} before it has started)."""
     try:
-        return json.loads(db.with_name(db.name + ".lock").read_text() or "{}").get("run") or {}
+        return json.loads(lock.read_text() or "{}").get("run") or {}
     except (OSError, ValueError):
         return {}
 
 
-def _calls_committed(db: Path) -> int:
-    return int(_live_run(db).get("calls_loaded") or 0)
+def _calls_committed(lock: Path) -> int:
+    return int(_live_run(lock).get("calls_loaded") or 0)
 
 
 def _stored(db: Path, sql: str):
@@ -271,7 +272,7 @@ def test_sigterm_during_replay_commits_whole_batches_exits_143_and_ends_the_read
          "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
-    assert eventually(lambda: _calls_committed(db) > 0 or proc.poll() is not None)
+    assert eventually(lambda: _calls_committed(lock_file("duckdb", db)) > 0 or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     assert _readers_of(big_landing_zone) != []
     proc.send_signal(signal.SIGTERM)
@@ -288,26 +289,37 @@ def test_sigterm_during_replay_commits_whole_batches_exits_143_and_ends_the_read
     assert _stored(db, "SELECT count(*) FROM call_stages") == [(stages,)]
 
 
-def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path: Path, big_landing_zone: Path) -> None:
-    db = tmp_path / "w.duckdb"
+@pytest.mark.parametrize("fmt", ["duckdb", "parquet"])
+def test_kill_9_of_replay_takes_the_reader_with_it_and_a_rerun_is_exact(tmp_path: Path, big_landing_zone: Path, fmt: str) -> None:
+    """Killed at three moments after its first commit (Parquet: also while folders are
+    gathered and written from the batch's slices), then run again to the end."""
+    out = tmp_path / ("w.duckdb" if fmt == "duckdb" else "w")
     config = tmp_path / "small-batches.toml"
-    config.write_text("replay_batch_stages = 100\n")
-    command = [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--output", str(db), "--config", str(config),
-               "--no-progress"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    assert eventually(lambda: (_readers_of(big_landing_zone) != [] and _live_run(db) != {}) or proc.poll() is not None)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert eventually(lambda: _readers_of(big_landing_zone) == [])
+    # Small batches, so the reader waits for the commits (a batch's bytes are read ahead) and is alive at the kill.
+    config.write_text("replay_batch_stages = 100\nreplay_batch_bytes = 65536\n")
+    command = [sys.executable, "-m", "pipeline", "replay", str(big_landing_zone), "--format", fmt, "--output", str(out),
+               "--config", str(config), "--no-progress"]
+    lock = lock_file(fmt, out)
+    for delay in (0.0, 0.15, 0.35):  # fixed rounds
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        assert eventually(lambda: (_readers_of(big_landing_zone) != [] and _calls_committed(lock) > 0)
+                          or proc.poll() is not None)
+        assert proc.poll() is None
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert eventually(lambda: _readers_of(big_landing_zone) == [])
     rerun = subprocess.run(command[:command.index("--config")] + ["--no-progress"], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert _stored(db, "SELECT count(*) = count(DISTINCT call_stage_id) FROM call_stages") == [(True,)]
-    assert _stored(db, "SELECT status FROM etl_runs ORDER BY started_at") == [("crashed",), ("succeeded",)]
-    expected = sum(len(stages) for stages in (SyntheticData(n_calls=800, seed=11).stages_for(c)
-                                              for c in SyntheticData(n_calls=800, seed=11).call_ids))
-    assert _stored(db, "SELECT count(*) FROM call_stages") == [(expected,)]
+    with query_connection(fmt, out) as con:
+        assert con.execute("SELECT count(*) = count(DISTINCT call_stage_id) FROM call_stages").fetchall() == [(True,)]
+        assert con.execute("SELECT status FROM etl_runs ORDER BY started_at").fetchall() == [("crashed",)] * 3 + [("succeeded",)]
+        data = SyntheticData(n_calls=800, seed=11)
+        assert con.execute("SELECT count(*) FROM call_stages").fetchall() == [(sum(len(data.stages_for(c)) for c in data.call_ids),)]
+        for table in ("stage_inactivity_messages", "stage_voices"):  # no child row without its stage
+            orphans = f"SELECT count(*) FROM {table} t ANTI JOIN call_stages s USING (call_stage_id)"
+            assert con.execute(orphans).fetchall() == [(0,)]
 
 
 def test_shares_of_the_landing_zone_take_every_call_once_and_report_each_bad_line_once(tmp_path: Path) -> None:
