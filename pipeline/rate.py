@@ -20,6 +20,10 @@ class _Check:
     throttled: int = 1
 
 
+#: Requests/s Ultravox documents per API key: the rate starts here (or at a lower cap).
+KEY_LIMIT = 200.0
+
+
 class AdaptiveRate:
     """Requests started per second: a token bucket whose rate follows the server's rate
     limit, never above ``cap`` (--max-rps, a hard user cap).
@@ -27,7 +31,12 @@ class AdaptiveRate:
     Rate limiters (Ultravox: 200 requests/s per key) let a window's worth through at
     once, then admit requests at the limit; Retry-After says how long the window is.
 
-    * The rate starts at the cap; the in-flight limit does the slow start.
+    * The rate starts at ``start`` (the documented per-key limit) or the cap if lower;
+      the in-flight limit does the slow start. Until the first 429 each answer raises
+      it towards the cap, doubling it every ``ramp`` seconds at full pace: a server's
+      burst then runs out at a pace not far above its limit, so few requests are in
+      flight to be answered 429 (a fixed cost: those requests were sent before any
+      answer could tell).
     * The first 429 measures the limit: the answers admitted since the first one,
       divided by that span plus the Retry-After window (the burst the server let
       through); a later 429 below the known limit uses the last second instead. With
@@ -36,9 +45,11 @@ class AdaptiveRate:
       If fewer than ``BURST_SHARE`` of the next ``CHECK`` answers (those of the requests
       already in flight) are 429 too, it was a lone 429 (a proxy, a fault) and the rate
       goes back: isolated 429s never compound into a crawl.
-    * A 429 at or above the known limit, or ``SUSTAINED`` 429s making up at least
-      ``SUSTAINED_SHARE`` of the last second's answers, is the limit again: the rate drops
-      to ``backoff`` × the rate the server admitted over the last second.
+    * A 429 at or above the known limit is the limit again: the rate drops to
+      ``backoff`` × the rate the server admitted since the last decrease (its bucket was
+      empty then and is now, so tokens saved up in between do not inflate it).
+      ``SUSTAINED`` 429s making up at least ``SUSTAINED_SHARE`` of the last second's
+      answers mean the limit moved down: ``backoff`` × what the last second admitted.
     * A 429 to a request started before the last change says nothing new.
     * Once the 429's Retry-After has passed, the rate grows by ``probe`` × its new value
       per second up to the cap: it settles just under the limit and follows it if it rises.
@@ -60,9 +71,12 @@ class AdaptiveRate:
         probe: float = 0.05,
         floor: float = 1.0,
         burst: int = 8,
+        start: float = KEY_LIMIT,
+        ramp: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.cap, self.rate, self.ref = cap, cap, math.inf
+        self.cap, self.rate, self.ref = cap, min(cap, start), math.inf
+        self.ramp = ramp
         self.backoff, self.probe, self.floor, self.burst = backoff, probe, min(floor, cap), burst
         self.clock = clock
         self.cuts = 0  # decreases (a check that finds a lone 429 is not one)
@@ -70,6 +84,7 @@ class AdaptiveRate:
         self._answers: deque[tuple[float, bool]] = deque()  # (time, was 429) within WINDOW
         self._first: float | None = None  # first answer
         self._admitted = 0  # answers other than 429 since then
+        self._admitted_before = 0  # of them, before the last decrease
         self._changed_at = -math.inf  # last decrease or check start
         self._measured_from = -math.inf  # last decrease: rates are measured from here on
         self._check: _Check | None = None
@@ -100,6 +115,8 @@ class AdaptiveRate:
     def admitted(self) -> None:
         """An answer other than 429 arrived."""
         self._answer(self.clock(), False)
+        if self.ref == math.inf and self._check is None and self.rate < self.cap:  # the ramp
+            self.rate = min(self.cap, self.rate * 2 ** (1 / (self.rate * self.ramp)))
 
     def throttled(self, started_at: float, retry_after: float | None = None) -> None:
         """A 429 arrived for a request started at ``started_at`` (same clock)."""
@@ -112,13 +129,16 @@ class AdaptiveRate:
         admitted, limited, span = self._window(now)
         sustained = limited >= self.SUSTAINED and limited >= self.SUSTAINED_SHARE * (admitted + limited)
         if self.rate >= self.ref or sustained:
+            if not sustained:  # the bucket was empty at the last decrease: all admitted since is the limit's
+                admitted, span = self._admitted - self._admitted_before, now - self._measured_from
             server = admitted / span if admitted >= self.MIN_ADMITTED and span > 0 else self.rate
             self._decrease(now, self.backoff * min(self.rate, server), retry_after)
             return
         if self.ref == math.inf:  # the first 429: all admitted so far is the burst plus the limit since
-            admitted, span = self._admitted, now - (self._first if self._first is not None else now)
+            admitted = self._admitted
+            span = now - (self._first if self._first is not None else now) + (retry_after or self.WINDOW)
         # Too few answers to measure anything: halve while checking.
-        limit = admitted / (span + (retry_after or self.WINDOW)) if admitted >= self.MIN_ADMITTED else self.rate / 2
+        limit = admitted / span if admitted >= self.MIN_ADMITTED and span > 0 else self.rate / 2
         self._check = _Check(self.rate, retry_after)
         self._set_rate(now, self.backoff * min(self.rate, limit))
 
@@ -161,7 +181,7 @@ class AdaptiveRate:
     def _decrease(self, now: float, rate: float, retry_after: float | None) -> None:
         self._set_rate(now, rate)
         self.ref = self.rate / self.backoff
-        self._measured_from = now
+        self._measured_from, self._admitted_before = now, self._admitted
         self._step = max(self.probe * self.rate, 0.1)
         self._grow_from = now + (retry_after or 0.0)
         self.cuts += 1

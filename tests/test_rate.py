@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from pipeline.rate import AdaptiveRate, InFlightLimit
+from pipeline.rate import KEY_LIMIT, AdaptiveRate, InFlightLimit
 
 
 class Clock:
@@ -136,6 +136,20 @@ def test_a_429_as_the_very_first_answer_halves_at_most():
     assert rate.cuts == 1 and rate.rate == pytest.approx(0.95 * 75)
 
 
+def test_a_lone_429_below_the_known_limit_checks_at_what_the_server_admits():
+    clock = Clock()
+    rate = AdaptiveRate(1000, clock=clock)
+    rate.wait_time()
+    answers(rate, clock, 1, 300)
+    rate._decrease(clock.now, 150, retry_after=None)  # known limit: about 158
+    answers(rate, clock, 0.5, 140)
+    rate.throttled(started_at=clock.now - 0.01, retry_after=1)  # below it: checked
+    # The burst's Retry-After window belongs to the first 429 only, not to this measure.
+    assert rate.rate == pytest.approx(0.95 * 140, rel=0.05)
+    answers(rate, clock, 0.12, 140)
+    assert rate.cuts == 1 and rate.rate > 150
+
+
 def test_random_429s_do_not_compound_into_a_crawl():
     clock = Clock()
     rate = AdaptiveRate(150, clock=clock)
@@ -199,6 +213,56 @@ def test_far_above_the_limit_only_the_first_wave_is_throttled():
     admitted, throttled, seconds = BucketServer(100).run(rate, clock, 1000)
     # In flight when the burst ran out: 16 requests, about 11 of them beyond the refill.
     assert admitted / seconds >= 90 and throttled <= 16 and rate.cuts <= 3
+
+
+def test_the_rate_starts_at_the_key_limit_and_doubles_every_ramp_until_a_429():
+    clock = Clock()
+    assert AdaptiveRate(150, clock=clock).rate == 150  # a cap below the key's limit: at once
+    rate = AdaptiveRate(5000, clock=clock)
+    assert rate.rate == KEY_LIMIT
+    rate.wait_time()
+    answers(rate, clock, 0.5, 400)  # answered at about the rate: twice it after 0.5 s
+    assert 1.6 * KEY_LIMIT <= rate.rate <= 2.5 * KEY_LIMIT
+    answers(rate, clock, 0.5, 20)  # few answers (the in-flight limit binds): hardly any growth
+    grown = rate.rate
+    assert grown <= 2.6 * KEY_LIMIT
+    rate.throttled(started_at=clock.now - 0.01, retry_after=1)  # the limit: no more ramp
+    answers(rate, clock, 0.05, 400, throttled_every=2, started_at=clock.now - 0.01)
+    learned = rate.rate
+    answers(rate, clock, 0.5, 100)  # within Retry-After: neither ramp nor probe
+    assert rate.cuts == 1 and rate.rate == learned < grown
+
+
+def test_a_lone_429_during_the_ramp_resumes_it():
+    clock = Clock()
+    rate = AdaptiveRate(5000, clock=clock)
+    rate.wait_time()
+    answers(rate, clock, 0.5, 300)
+    before = rate.rate
+    rate.throttled(started_at=clock.now - 0.01, retry_after=1)
+    answers(rate, clock, 0.05, 300)  # no other 429: lone
+    assert rate.cuts == 0 and rate.rate >= before
+    answers(rate, clock, 0.5, 600)
+    assert rate.rate > 1.5 * before
+
+
+@pytest.mark.parametrize("concurrency", [16, 32])
+def test_the_ramp_keeps_the_first_wave_small_with_many_in_flight(concurrency):
+    # 32 in flight at 50 ms is a pace of 640/s; at once, about 27 would meet the empty bucket.
+    clock = Clock()
+    rate = AdaptiveRate(1000, clock=clock)
+    admitted, throttled, seconds = BucketServer(100, concurrency=concurrency).run(rate, clock, 1000)
+    assert admitted / seconds >= 90 and throttled <= 0.02 * (admitted + throttled)
+
+
+def test_probing_settles_at_the_limit_not_at_what_a_refilled_bucket_let_through():
+    # Below the limit the bucket saves tokens; a probe spends them before its first 429,
+    # so the last second admitted more than the limit: that must not become the rate.
+    clock = Clock()
+    rate = AdaptiveRate(1000, clock=clock)
+    admitted, throttled, seconds = BucketServer(100).run(rate, clock, 3000)
+    assert rate.ref <= 102 and rate.rate <= 100
+    assert throttled <= 0.01 * (admitted + throttled)
 
 
 def test_a_server_above_the_cap_is_never_throttled():
