@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -101,27 +102,45 @@ def sequential_baseline(base_url: str, call_ids: list[str], db_path: str) -> flo
 
 
 def end_to_end_vs_sequential(calls: int, latency_ms: float) -> dict[str, object]:
-    """Target 2: ≥ 20× faster than the sequential baseline on the same sandbox.
+    """Target 2: ≥ 20× faster than the sequential baseline on the same sandbox, which has
+    no rate limit: `ultravox-stages run --concurrency 64 --max-rps 5000`."""
+    return _end_to_end(calls, latency_ms, ["--concurrency", "64", "--max-rps", "5000"], 20, seed=2,
+                       label="ours (CLI, concurrency 64)")
 
-    The sandbox runs in its own process (`ultravox-stages sandbox`) for both. Ours is
-    the real CLI in a child process, interpreter start-up included: `ultravox-stages
-    run --concurrency 64 --max-rps 5000` (the sandbox has no rate limit). A first,
-    untimed run of ours warms the sandbox (it builds and caches each page on first
-    request), so both sides are measured against the same warm server; ours is the
-    mean of two timed runs. Both must load the same number of stages."""
+
+def end_to_end_at_the_key_limit(calls: int, latency_ms: float) -> dict[str, object]:
+    """The issue's workload: small pages (the server sends at most 2 stages a page), a
+    quarter of the prompts ~100 KB, a server limited to the key's 200 requests/s, and
+    `ultravox-stages run` with its defaults (--max-rps 195). Target ≥ 12×; the figure
+    also shows the most any client can reach there: the baseline's time over the
+    requests' time at 200/s."""
+    return _end_to_end(calls, latency_ms, [], 12, seed=3, label="ours (CLI, defaults)", rate_limit_rps=200,
+                       big_prompts=True, max_page_size=2)
+
+
+def _end_to_end(calls: int, latency_ms: float, options: list[str], target: float, *, seed: int, label: str,
+                rate_limit_rps: float | None = None, **sandbox: Any) -> dict[str, object]:
+    """Ours vs the sequential baseline, both against one sandbox in its own process
+    (`ultravox-stages sandbox`). Ours is the real CLI in a child process, interpreter
+    start-up included. A first, untimed run of ours warms the sandbox (it builds and
+    caches each page on first request), so both sides are measured against the same
+    warm server; ours is the mean of two timed runs, each after a pause that refills a
+    rate-limited server's burst. Both must load the same number of stages."""
     import duckdb
 
     from pipeline.sandbox import SandboxProcess
 
     with tempfile.TemporaryDirectory() as tmp, SandboxProcess(
-        n_calls=calls, seed=2, api_key=KEY, latency_ms=latency_ms
+        n_calls=calls, seed=seed, api_key=KEY, latency_ms=latency_ms, rate_limit_rps=rate_limit_rps, **sandbox
     ) as box:
         ids = Path(tmp) / "ids.txt"
         ids.write_text("".join(f"{c}\n" for c in box.call_ids))
 
         def ours(name: str) -> float:
             command = [sys.executable, "-m", "pipeline", "run", "--calls-file", str(ids), "--base-url", box.base_url,
-                       "--output", f"{tmp}/{name}.duckdb", "--concurrency", "64", "--max-rps", "5000", "--no-progress"]
+                       "--output", f"{tmp}/{name}.duckdb", *options, "--no-progress"]
+            if rate_limit_rps:
+                time.sleep(1.5)  # the server's one-second burst refills
             started = time.monotonic()
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "ULTRAVOX_API_KEY": KEY})
@@ -136,12 +155,21 @@ def end_to_end_vs_sequential(calls: int, latency_ms: float) -> dict[str, object]
         for name in ("ours2", "baseline"):
             with duckdb.connect(f"{tmp}/{name}.duckdb", read_only=True) as con:
                 stages.append(con.execute("SELECT count(*) FROM call_stages").fetchall()[0][0])
+        with duckdb.connect(f"{tmp}/ours2.duckdb", read_only=True) as con:
+            requests = con.execute("SELECT http_requests FROM etl_runs").fetchall()[0][0]
     mean = sum(runs) / len(runs)
+    figure = f"ours {mean:.2f}s ({runs[0]:.2f}, {runs[1]:.2f}) vs baseline {baseline:.2f}s = {baseline / mean:.1f}×"
+    if rate_limit_rps:
+        figure += f"; {requests} requests: at most {baseline / (requests / rate_limit_rps):.1f}× at {rate_limit_rps:.0f}/s"
     return {
-        "what": f"end to end {calls} calls ({stages[0]:,} stages) at {latency_ms:.0f} ms: ours (CLI, concurrency 64) vs sequential + row inserts",
-        "figure": f"ours {mean:.2f}s ({runs[0]:.2f}, {runs[1]:.2f}) vs baseline {baseline:.2f}s = {baseline / mean:.1f}×",
-        "target": "≥ 20×",
-        "ok": baseline / mean >= 20 and stages[0] == stages[1],
+        "what": f"end to end {calls} calls ({stages[0]:,} stages{', small pages, 100 KB prompts' if sandbox else ''}) "
+                f"at {latency_ms:.0f} ms{f', server limit {rate_limit_rps:.0f}/s' if rate_limit_rps else ''}: "
+                f"{label} vs sequential + row inserts",
+        "figure": figure,
+        "target": f"≥ {target:.0f}×",
+        "ok": baseline / mean >= target and stages[0] == stages[1],
+        "stages": stages[0],
+        "expected_stages": stages[1],
     }
 
 
@@ -370,6 +398,7 @@ def extraction_rows(small: bool) -> list[dict[str, object]]:
         # The same short run with the default cap (195): the limit is learnt from the first 429.
         rows.append(extraction_near_limit(400, 50, 100, 16, max_rps=Settings().max_rps))
     rows.append(end_to_end_vs_sequential(20 if small else 1000, 50))
+    rows.append(end_to_end_at_the_key_limit(20 if small else 300, 50))
     return rows
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Rows each part of the smoke run must print.
 LABELS = {
-    "extraction": ("extract 40 calls", "end to end"),
+    "extraction": ("extract 40 calls", "end to end 20 calls", "small pages, 100 KB prompts) at 50 ms, server limit 200/s"),
     "replay": ("replay 500 stages → duckdb", "replay 2,000 stages → parquet", "floor: gunzip + decoding the lines only",
                "floor: reading + transforming", "floor: DuckDB warehouse", "floor: pyarrow writing",
                "memory growth, replay → duckdb", "1/4 with 100 KB prompts, 1% 1 MB) → duckdb, peak RSS",
