@@ -16,6 +16,7 @@ what this module builds.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -74,23 +75,32 @@ class CallTally:
     """Each call's contribution to its run's counts, so a later outcome replaces an earlier one."""
 
     def __init__(self) -> None:
-        #: call id → stage_count * len(CALL_STATUSES) + status index (one small int per call).
-        self._counted: dict[str, int] = {}
+        #: call key → stage_count * len(CALL_STATUSES) + status index (one small int per call).
+        self._counted: dict[int | str, int] = {}
 
     def __contains__(self, call_id: object) -> bool:
-        return call_id in self._counted
+        return isinstance(call_id, str) and _call_key(call_id) in self._counted
 
     def __len__(self) -> int:
         return len(self._counted)
 
     def count(self, run: RunRecord, outcome: CallOutcome) -> None:
-        earlier = self._counted.get(outcome.call_id)
+        key = _call_key(outcome.call_id)
+        earlier = self._counted.get(key)
         if earlier is not None:
             stages, index = divmod(earlier, len(CALL_STATUSES))
             _add(run, CALL_STATUSES[index], stages, -1)
         stages = (outcome.stage_count or 0) if outcome.status == "loaded" else 0
-        self._counted[outcome.call_id] = stages * len(CALL_STATUSES) + CALL_STATUSES.index(outcome.status)
+        self._counted[key] = stages * len(CALL_STATUSES) + CALL_STATUSES.index(outcome.status)
         _add(run, outcome.status, stages, 1)
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _call_key(call_id: str) -> int | str:
+    """A canonical UUID's 128 bits (an int of 44 bytes, its text takes 85); any other id as it is."""
+    return int(call_id.replace("-", ""), 16) if _CANONICAL_UUID.fullmatch(call_id) else call_id
 
 
 def _add(run: RunRecord, status: str, stages: int, sign: int) -> None:

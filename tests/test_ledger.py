@@ -84,6 +84,17 @@ def test_counts_are_per_distinct_call_and_a_later_outcome_replaces_the_earlier()
     assert "tally" not in run.as_row() and "_tally" not in run.as_row()
 
 
+def test_calls_are_told_apart_whether_their_ids_are_canonical_uuids_or_not():
+    run = run_record()
+    lettered = "abcdef01-2345-4678-9abc-def012345678"
+    others = [lettered.upper(), "{" + lettered + "}", "call-1", lettered + " ", ""]
+    for call_id in [lettered, *others, C2]:
+        run.count(CallOutcome(call_id, "loaded", 1, None, NOW))
+    run.count(CallOutcome(lettered, "failed", None, "x", NOW))  # replaces its own outcome only
+    assert len(run.tally) == 2 + len(others) and (run.calls_loaded, run.calls_failed, run.stages_loaded) == (6, 1, 6)
+    assert all(c in run.tally for c in [lettered, C2, *others]) and C3 not in run.tally and "ABCDEF01" not in run.tally
+
+
 def test_a_loaded_call_that_fails_later_in_the_run_gives_back_its_stages():
     run = run_record()
     run.count(CallOutcome(C1, "loaded", 40_000, None, NOW))

@@ -673,6 +673,34 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
     assert owners.lookup(pa.array([stage_uuid(7, 0)])).to_pylist() == [{"call_stage_id": stage_uuid(7, 0), "call_id": call_uuid(7)}]
 
 
+def test_stage_owners_hold_uuids_as_16_bytes_and_any_other_id_as_text_alike() -> None:
+    """The ownership lookup against a plain dict, over commits that replace calls, drop
+    them and mix UUIDs (any case) with ids that are not UUIDs (kept as text)."""
+    from pipeline.load.parquet import StageOwners
+
+    rng = random.Random(11)
+    owners = StageOwners.load(Path("/nonexistent"), [], None)
+    model: dict[str, str] = {}
+    seen: list[str] = []
+    for n in range(80):
+        c = rng.randrange(30)
+        call = call_uuid(c) if c % 7 else f"call-{c}"  # some calls whose id is no UUID
+        count = rng.randrange(0, 4)
+        ids = [stage_uuid(c, rng.randrange(6)) if rng.random() < 0.8 else rng.choice([f"Stage-{c}-{k}", f"{stage_uuid(c, k)}x"])
+               for k in range(count)]
+        ids = [i.upper() if rng.random() < 0.3 else i for i in dict.fromkeys(ids)]
+        stages = pa.table({"call_stage_id": pa.array(ids, pa.string()), "call_id": pa.array([call.upper()] * len(ids), pa.string())})
+        owners = owners.replaced(pa.array([call]), stages if ids else None)
+        model = {s: o for s, o in model.items() if o != call.lower()} | {i.lower(): call.lower() for i in ids}
+        seen += [i.lower() for i in ids]
+    probe = pa.array(sorted(set(seen)) + [stage_uuid(99, 0), "stage-none"])
+    got = owners.lookup(probe)
+    assert dict(zip(got["call_stage_id"].to_pylist(), got["call_id"].to_pylist(), strict=True)) == model
+    assert owners.rows.schema.field("call_stage_id").type == pa.binary(16)
+    assert owners.other.num_rows == sum(1 for s, o in model.items() if not (len(s) == len(o) == 36 and s.count("-") == o.count("-") == 4))
+    assert 0 < owners.other.num_rows < len(model)
+
+
 @pytest.mark.parametrize("in_runs", [True, False], ids=["parts-in-day-order", "unordered"])
 def test_a_batch_splits_into_its_folders_alike_whether_its_rows_come_in_runs_or_not(in_runs: bool) -> None:
     """Replay's parts come in day order: their folders are slices of the batch, gathered

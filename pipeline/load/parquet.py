@@ -84,6 +84,8 @@ Untouched folders and files are never read or rewritten.
 
 from __future__ import annotations
 
+import array
+import binascii
 import json
 import os
 import secrets
@@ -476,29 +478,56 @@ def rebuild_index(root: Path, on_disk: Files) -> FileIndex:
 class StageOwners:
     """Every stored stage id with its call, lowercase, in memory while open: the
     ownership check of each batch needs them, and no file index covers stage ids.
-    Loaded once (two columns of every stage file); each commit then updates it."""
+    Loaded once (two columns of every stage file); each commit then updates it.
+    Rows of UUIDs (all the tool stores) are held as 16 bytes each instead of 36
+    characters; any other id stays text in ``other``."""
 
     COLUMNS = ("call_stage_id", "call_id")
 
-    def __init__(self, rows: pa.Table):
-        self.rows = rows
+    def __init__(self, rows: pa.Table, other: pa.Table):
+        self.rows = rows  # binary(16) columns
+        self.other = other  # string columns
+
+    @classmethod
+    def of(cls, rows: pa.Table) -> StageOwners:
+        """Owners of ``rows`` (lowercase string columns)."""
+        rows = rows.combine_chunks()
+        compact = pc.and_(*(is_uuid(rows[name]) for name in cls.COLUMNS))
+        held = rows.filter(compact)
+        return cls(pa.table({name: uuid_bytes(held[name].combine_chunks()) for name in cls.COLUMNS}),
+                   rows.filter(pc.invert(compact)))
 
     @classmethod
     def load(cls, root: Path, files: Sequence[str], pool: ThreadPoolExecutor) -> StageOwners:
         pieces = _wait_all([pool.submit(pq.read_table, root / rel, columns=list(cls.COLUMNS)) for rel in files])
-        return cls(pa.concat_tables([_owner_rows(piece) for piece in pieces] or [_owner_rows(None)]))
+        owners = [cls.of(_owner_rows(piece)) for piece in pieces] or [cls.of(_owner_rows(None))]
+        return cls(pa.concat_tables([o.rows for o in owners]).combine_chunks(),
+                   pa.concat_tables([o.other for o in owners]).combine_chunks())
 
     def lookup(self, stage_ids: pa.Array) -> pa.Table:
-        """Stored rows whose stage id is in ``stage_ids`` (lowercase)."""
-        return self.rows.filter(pc.is_in(self.rows["call_stage_id"], value_set=stage_ids))
+        """Stored rows whose stage id is in ``stage_ids`` (lowercase), as text."""
+        compact = uuid_bytes(stage_ids.filter(is_uuid(stage_ids)))
+        found = self.rows.filter(pc.is_in(self.rows["call_stage_id"], value_set=compact))
+        text = pa.table({name: uuid_text(found[name].combine_chunks()) for name in self.COLUMNS})
+        if not self.other.num_rows:
+            return text
+        return pa.concat_tables([text, self.other.filter(pc.is_in(self.other["call_stage_id"], value_set=stage_ids))])
 
     def replaced(self, calls: pa.Array, stages: pa.Table | None) -> StageOwners:
         """After a commit: the stages of ``calls`` are now exactly ``stages``."""
-        held = pc.is_in(self.rows["call_id"], value_set=pc.utf8_lower(calls.cast(pa.string())))
-        kept = self.rows.filter(pc.invert(held)) if pc.any(held).as_py() else self.rows
-        rows = pa.concat_tables([kept, _owner_rows(stages)])
+        calls = pc.utf8_lower(calls.cast(pa.string()))
+        new = StageOwners.of(_owner_rows(stages))
+        rows = pa.concat_tables([_without(self.rows, uuid_bytes(calls.filter(is_uuid(calls)))), new.rows])
+        other = pa.concat_tables([_without(self.other, calls), new.other])
         # Each commit appends a chunk: merge them once they pile up (like the file index).
-        return StageOwners(rows.combine_chunks() if rows["call_id"].num_chunks > MAX_INDEX_CHUNKS else rows)
+        if rows["call_id"].num_chunks > MAX_INDEX_CHUNKS:
+            rows = rows.combine_chunks()
+        return StageOwners(rows, other.combine_chunks() if other["call_id"].num_chunks > MAX_INDEX_CHUNKS else other)
+
+
+def _without(rows: pa.Table, calls: pa.Array) -> pa.Table:
+    held = pc.is_in(rows["call_id"], value_set=calls)
+    return rows.filter(pc.invert(held)) if pc.any(held).as_py() else rows
 
 
 def _owner_rows(stages: pa.Table | None) -> pa.Table:
@@ -509,6 +538,38 @@ def _owner_rows(stages: pa.Table | None) -> pa.Table:
             for name in StageOwners.COLUMNS
         }
     )
+
+
+_UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
+
+
+def is_uuid(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Which of ``ids`` are lowercase UUIDs in the canonical 8-4-4-4-12 form."""
+    return pc.fill_null(pc.match_substring_regex(ids, _UUID_PATTERN), False)
+
+
+def uuid_bytes(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Canonical lowercase UUIDs (see :func:`is_uuid`) as binary(16), the inverse of :func:`uuid_text`."""
+    ids = ids.cast(pa.string())
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if not len(ids):
+        return pa.array([], pa.binary(16))
+    first = memoryview(ids.buffers()[1]).cast("i")[ids.offset]
+    text = memoryview(ids.buffers()[2])[first : first + 36 * len(ids)]  # 36 characters each: contiguous
+    packed = binascii.unhexlify(bytes(text).replace(b"-", b""))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(ids), [None, pa.py_buffer(packed)])
+
+
+def uuid_text(packed: pa.Array) -> pa.Array:
+    """binary(16) UUIDs as canonical lowercase text."""
+    if not len(packed):
+        return pa.array([], pa.string())
+    data = memoryview(packed.buffers()[1])[16 * packed.offset : 16 * (packed.offset + len(packed))]
+    offsets = array.array("i", range(0, 32 * len(packed) + 1, 32))
+    hexed = pa.StringArray.from_buffers(len(packed), pa.py_buffer(offsets), pa.py_buffer(binascii.hexlify(data)))
+    return pc.binary_join_element_wise(*(pc.utf8_slice_codeunits(hexed, a, b) for a, b in _UUID_PIECES), "-")
 
 
 # --------------------------------------------------------------------------- partitions
