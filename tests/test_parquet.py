@@ -673,6 +673,35 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
     assert owners.lookup(pa.array([stage_uuid(7, 0)])).to_pylist() == [{"call_stage_id": stage_uuid(7, 0), "call_id": call_uuid(7)}]
 
 
+def test_a_commit_frees_the_rows_of_each_table_once_its_files_are_written(out: Path, monkeypatch) -> None:
+    """The batch is handed over: when the last file of the commit (etl_calls) is built,
+    the stages with their 64 KB prompts are already gone, not held to the end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.load import parquet
+
+    held: dict[str, int] = {}
+    build = parquet.FileJob.build
+
+    def watched(job, io_pool):
+        held.setdefault(job.table.name, pa.total_allocated_bytes())  # when its first file starts
+        return build(job, io_pool)
+
+    monkeypatch.setattr(parquet.FileJob, "build", watched)
+    spec = [(c, "loaded", 0) for c in range(200)]
+    with ParquetWarehouse(out) as wh:
+        wh._pool = ThreadPoolExecutor(max_workers=1)  # the files one after another, in order
+        before = pa.total_allocated_bytes()
+        tables = fabricate([(c, 0) for c, _, _ in spec], prompt_bytes=64 << 10)
+        size = tables["call_stages"].nbytes
+        wh.commit_calls(tables, outcomes_for(spec), "run-1")
+        assert tables == {}  # handed over
+        del tables
+        assert held["call_stages"] - before >= size
+        assert held["etl_calls"] - before < size / 4
+    assert len(view_rows(out, "call_stages")) == sum(stage_count(c, 0) for c, _, _ in spec)
+
+
 def test_stage_owners_hold_uuids_as_16_bytes_and_any_other_id_as_text_alike() -> None:
     """The ownership lookup against a plain dict, over commits that replace calls, drop
     them and mix UUIDs (any case) with ids that are not UUIDs (kept as text)."""

@@ -120,6 +120,9 @@ class Warehouse(abc.ABC):
         Returns the outcomes as committed: a call holding a stage id that the warehouse
         already stores under another call (one not replaced by this batch) is turned
         ``failed`` and its rows are dropped; the owner keeps its stage.
+
+        ``tables`` is handed over: a warehouse may empty the mapping while it commits
+        (Parquet does, so that each table's rows are freed once their files are written).
         """
         if not outcomes:
             return []

@@ -744,7 +744,9 @@ class FileJob:
                             rows = rows.filter(pc.invert(pc.is_in(rows[out.key], value_set=drop)))
                         out.add(rows)
             if self.rows is not None:
-                out.add(self.rows.gather())
+                rows, self.rows = self.rows, None  # the batch's slices go as its files are written
+                out.add(rows.gather())
+                del rows
             keys = out.close()
         except BaseException:
             out.abort()
@@ -1043,10 +1045,15 @@ class ParquetWarehouse(Warehouse):
         # Loaded and 404 calls are replaced as a unit; failed calls keep their rows.
         replaced = batch["call_id"].filter(pc.not_equal(batch["status"], "failed")).combine_chunks()
         groups = _data_groups(tables, replaced)
+        stages = tables.get(schema.CALL_STAGES.name)
+        owner_rows = stages.select(StageOwners.COLUMNS) if stages is not None else None
+        del stages
+        if isinstance(tables, dict):  # handed over: each folder's rows go once its file is written
+            tables.clear()
 
         def work(tx: Transaction) -> None:
             for table in schema.DATA_TABLES:
-                tx.replace(table, replaced, groups[table.name])
+                tx.replace(table, replaced, groups.pop(table.name))
             all_ids = batch["call_id"].combine_chunks()
             previous = tx.rows_with_keys(schema.ETL_CALLS, all_ids)
             merged = merged_etl_calls(batch, previous)
@@ -1055,8 +1062,7 @@ class ParquetWarehouse(Warehouse):
         owners, self._owners = self._owners, None  # unknown until this commit is through
         self._transact(work)
         if owners is not None:
-            stages = tables.get(schema.CALL_STAGES.name)
-            self._owners = owners.replaced(replaced, stages.select(StageOwners.COLUMNS) if stages is not None else None)
+            self._owners = owners.replaced(replaced, owner_rows)
 
     def _transact(self, work: Callable[[Transaction], None]) -> None:
         with self._writing():
