@@ -675,7 +675,8 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
 
 def test_a_commit_frees_the_rows_of_each_table_once_its_files_are_written(out: Path, monkeypatch) -> None:
     """The batch is handed over: when the last file of the commit (etl_calls) is built,
-    the stages with their 64 KB prompts are already gone, not held to the end."""
+    the stages with their 64 KB prompts are already gone, not held to the end. Each
+    table is one buffer, as replay receives it: any column kept would keep them all."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.load import parquet
@@ -692,7 +693,7 @@ def test_a_commit_frees_the_rows_of_each_table_once_its_files_are_written(out: P
     with ParquetWarehouse(out) as wh:
         wh._pool = ThreadPoolExecutor(max_workers=1)  # the files one after another, in order
         before = pa.total_allocated_bytes()
-        tables = fabricate([(c, 0) for c, _, _ in spec], prompt_bytes=64 << 10)
+        tables = {name: _in_one_buffer(t) for name, t in fabricate([(c, 0) for c, _, _ in spec], prompt_bytes=64 << 10).items()}
         size = tables["call_stages"].nbytes
         wh.commit_calls(tables, outcomes_for(spec), "run-1")
         assert tables == {}  # handed over
@@ -700,6 +701,13 @@ def test_a_commit_frees_the_rows_of_each_table_once_its_files_are_written(out: P
         assert held["call_stages"] - before >= size
         assert held["etl_calls"] - before < size / 4
     assert len(view_rows(out, "call_stages")) == sum(stage_count(c, 0) for c, _, _ in spec)
+
+
+def _in_one_buffer(table: pa.Table) -> pa.Table:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return pa.ipc.open_stream(sink.getvalue()).read_all()
 
 
 def test_stage_owners_hold_uuids_as_16_bytes_and_any_other_id_as_text_alike() -> None:

@@ -1046,7 +1046,8 @@ class ParquetWarehouse(Warehouse):
         replaced = batch["call_id"].filter(pc.not_equal(batch["status"], "failed")).combine_chunks()
         groups = _data_groups(tables, replaced)
         stages = tables.get(schema.CALL_STAGES.name)
-        owner_rows = stages.select(StageOwners.COLUMNS) if stages is not None else None
+        # Copied out (lowercase): a column of the stages would hold all their buffers to the end.
+        owner_rows = _owner_rows(stages) if stages is not None and self._owners is not None else None
         del stages
         if isinstance(tables, dict):  # handed over: each folder's rows go once its file is written
             tables.clear()
