@@ -16,7 +16,6 @@ what this module builds.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, get_args
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import AuthError, UnreachableError
-from pipeline.records import CallOutcome, RunRecord, rfc3339, utcnow
+from pipeline.records import CANONICAL_UUID, CallOutcome, RunRecord, rfc3339, utcnow
 
 CallStatus = Literal["loaded", "not_found", "failed"]
 CALL_STATUSES: tuple[str, ...] = get_args(CallStatus)
@@ -95,12 +94,9 @@ class CallTally:
         _add(run, outcome.status, stages, 1)
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 def _call_key(call_id: str) -> int | str:
     """A canonical UUID's 128 bits (an int of 44 bytes, its text takes 85); any other id as it is."""
-    return int(call_id.replace("-", ""), 16) if _CANONICAL_UUID.fullmatch(call_id) else call_id
+    return int(call_id.replace("-", ""), 16) if CANONICAL_UUID.fullmatch(call_id) else call_id
 
 
 def _add(run: RunRecord, status: str, stages: int, sign: int) -> None:

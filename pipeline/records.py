@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from pipeline.ledger import CallStatus, CallTally, RunStatus
 
 
+#: A UUID as the API sends ids and the tool stores them: lowercase, 8-4-4-4-12.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 

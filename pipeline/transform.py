@@ -36,15 +36,14 @@ from pipeline.api_schema import (
     describe, needs_fallback,
 )
 from pipeline.durations import duration_nanos
-from pipeline.records import micros, parse_rfc3339
+from pipeline.records import CANONICAL_UUID, micros, parse_rfc3339
 from pipeline.redact import RedactionError, fold_ascii, may_hold_secret, redact_stage, redact_voice
 
 ROLES = (("externalVoice", "external"), ("voiceOverrides", "override"))
 #: proto3 JSON omits an enum field that has its default value.
 UNSPECIFIED = "END_BEHAVIOR_UNSPECIFIED"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Stage ids of 36 characters each, joined: all are UUIDs when this matches (one pass in C).
-_UUIDS = re.compile(f"(?:{_UUID.pattern})*")
+_UUIDS = re.compile(f"(?:{CANONICAL_UUID.pattern})*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: A ``\\u`` escape (a regex finds it faster than ``in`` among many ``\\n`` escapes).
 _ESCAPE_U = re.compile(rb"\\u")
@@ -481,7 +480,7 @@ def _check_stage_rows(stage_cols: dict[str, Sequence[Any]]) -> dict[int, str]:
     bad: dict[int, str] = {}
     if not _all_uuids(ids):
         for row, stage_id in enumerate(ids):
-            if not _UUID.fullmatch(stage_id):
+            if not CANONICAL_UUID.fullmatch(stage_id):
                 bad[row] = f"stage {stage_cols['stage_index'][row]}: callStageId is not a UUID"
     stage_cols["created"], bad_created = _timestamps(stage_cols["created"])
     for row, reason in bad_created.items():
@@ -505,7 +504,7 @@ def _normal_call_id(call_id: Any) -> str | None:
     if type(call_id) is not str:
         return None
     lowered = call_id.strip().lower()
-    return lowered if _UUID.fullmatch(lowered) else None
+    return lowered if CANONICAL_UUID.fullmatch(lowered) else None
 
 
 def transform_calls(

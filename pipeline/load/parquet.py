@@ -107,7 +107,7 @@ from pipeline.errors import OutputError
 from pipeline.ledger import merged_etl_calls, outcomes_table
 from pipeline.load import Warehouse, check_local_output, deleted_table, open_failure
 from pipeline.lock import OutputLock
-from pipeline.records import CallOutcome
+from pipeline.records import CANONICAL_UUID, CallOutcome
 
 if TYPE_CHECKING:
     import duckdb
@@ -540,7 +540,7 @@ def _owner_rows(stages: pa.Table | None) -> pa.Table:
     )
 
 
-_UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_UUID_PATTERN = f"^{CANONICAL_UUID.pattern}$"
 _UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
 
 
