@@ -166,6 +166,40 @@ def test_duckdb_gets_its_memory_limit_back_after_each_commit(tmp_path: Path, mon
     ]
 
 
+def test_long_strings_make_the_warehouse_checkpoint_per_row_group_instead_of_duckdb(tmp_path: Path) -> None:
+    """DuckDB checkpoints on its own when its WAL passes a threshold, writing the filling row
+    group again each time: with long strings in it, the peak grew with the group. While long
+    strings are pending its threshold is raised and the warehouse checkpoints once a row
+    group's worth of stages came in, then hands checkpointing back."""
+    from pipeline.load.duckdb import PINNED_STRING_BYTES, ROW_GROUP_SIZE
+
+    def setting(wh) -> str:
+        return wh.con.execute("SELECT current_setting('checkpoint_threshold')").fetchall()[0][0]
+
+    def wal(wh) -> str:
+        return wh.con.execute("SELECT wal_size FROM pragma_database_size() WHERE database_name = 'warehouse'").fetchall()[0][0]
+
+    plain = [(call_id(c), [stage(call_id(c), stage_id(c * 8 + i), c * 8 + i) for i in range(8)]) for c in range(1, 300)]
+    with open_warehouse("duckdb", tmp_path / "w.duckdb") as wh:
+        default = setting(wh)
+        commit(wh, plain[:10])
+        assert setting(wh) == default
+        commit(wh, [(call_id(0), [stage(call_id(0), stage_id(0), 0, prose(PINNED_STRING_BYTES + 1, 0))])])
+        assert setting(wh) != default and wal(wh) != "0 bytes"  # held off: the WAL keeps the long string
+        done = 1
+        for start in range(10, len(plain), 10):
+            commit(wh, plain[start : start + 10])
+            done += 80
+            if done < ROW_GROUP_SIZE:
+                assert setting(wh) != default
+            else:
+                break
+        assert setting(wh) == default and wal(wh) == "0 bytes"  # checkpointed, DuckDB's own threshold back
+    assert rows("duckdb", tmp_path / "w.duckdb", "SELECT count(*), max(length(system_prompt)) FROM call_stages") == [
+        (done + 80, PINNED_STRING_BYTES + 1)
+    ]
+
+
 # ----------------------------------------------------------------------------- 2. stage ownership
 
 

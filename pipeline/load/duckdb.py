@@ -38,6 +38,9 @@ ROW_GROUP_SIZE = 2048
 UNFLUSHED_SHARE = 0.5
 #: Below the size from which DuckDB pins a string in memory until a checkpoint.
 PINNED_STRING_BYTES = 32 << 10
+#: DuckDB's own checkpoint threshold (WAL size) while long strings are pending: the warehouse
+#: checkpoints itself once a row group's worth of stages came in (or at UNFLUSHED_SHARE).
+DEFERRED_CHECKPOINT_THRESHOLD = "1GB"
 #: Storage format of new files: the oldest DuckDB supported, so every 1.x reader from it on opens them.
 STORAGE_VERSION = "v1.2.0"
 #: The memory limit set for a moment after each commit, to make DuckDB release what it freed.
@@ -122,6 +125,8 @@ class DuckDBWarehouse(Warehouse):
         self._con: duckdb.DuckDBPyConnection | None = None
         #: Arrow bytes committed since the last checkpoint (their long strings stay in memory until one).
         self._unflushed = 0
+        #: Stages committed since long strings made the warehouse checkpoint itself (None: DuckDB does).
+        self._deferred_stages: int | None = None
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -163,6 +168,7 @@ class DuckDBWarehouse(Warehouse):
                 con.close()
                 raise
             self._con = con
+            self._unflushed, self._deferred_stages = 0, None
         except (duckdb.Error, OSError) as exc:
             raise open_failure(self.path, "DuckDB file", exc) from exc
 
@@ -235,15 +241,30 @@ class DuckDBWarehouse(Warehouse):
         if needed > self._base_memory:
             self._set_memory_limit(needed)
         try:
+            pinned = pinned_bytes(tables)
+            if pinned and self._deferred_stages is None:
+                # DuckDB's own checkpoints would write the filling row group, long strings and all, again each time.
+                self.con.execute(f"SET checkpoint_threshold = '{DEFERRED_CHECKPOINT_THRESHOLD}'")
+                self._deferred_stages = 0
+            stages = tables.get(schema.CALL_STAGES.name)
             self._insert_batch(tables, outcomes, run_id)
-            self._unflushed += pinned_bytes(tables)
-            if self._unflushed > self._base_memory * UNFLUSHED_SHARE:
-                self.con.execute("CHECKPOINT")
-                self._unflushed = 0
+            self._unflushed += pinned
+            if self._deferred_stages is not None:
+                self._deferred_stages += stages.num_rows if stages is not None else 0
+            if self._unflushed > self._base_memory * UNFLUSHED_SHARE or (self._deferred_stages or 0) >= ROW_GROUP_SIZE:
+                self._checkpoint()
         finally:
             if needed > self._base_memory:
                 self._set_memory_limit(self._base_memory)
         self._release_memory()
+
+    def _checkpoint(self) -> None:
+        """Checkpoint now; DuckDB checkpoints on its own again from here on."""
+        self.con.execute("CHECKPOINT")
+        self._unflushed = 0
+        if self._deferred_stages is not None:
+            self.con.execute("RESET checkpoint_threshold")
+            self._deferred_stages = None
 
     def _release_memory(self) -> None:
         """Hand what the commit freed back to the OS: DuckDB's allocator keeps it until the
