@@ -666,8 +666,8 @@ def test_stage_owners_keep_every_stage_and_few_chunks_over_many_commits() -> Non
     owners = StageOwners.load(Path("/nonexistent"), [], None)  # no stage files yet
     for n in range(MAX_INDEX_CHUNKS + 40):
         stages = pa.table({"call_stage_id": [stage_uuid(n, 0).upper()], "call_id": [call_uuid(n)]})
-        owners = owners.replaced(pa.array([call_uuid(n)]), stages)
-    owners = owners.replaced(pa.array([call_uuid(3)]), None)  # call 3 now has no stage
+        owners = owners.replaced(pa.array([call_uuid(n)]), StageOwners.of(stages))
+    owners = owners.replaced(pa.array([call_uuid(3)]), StageOwners.of(None))  # call 3 now has no stage
     assert owners.rows["call_id"].num_chunks <= MAX_INDEX_CHUNKS + 1
     assert owners.rows.num_rows == MAX_INDEX_CHUNKS + 39
     assert owners.lookup(pa.array([stage_uuid(7, 0)])).to_pylist() == [{"call_stage_id": stage_uuid(7, 0), "call_id": call_uuid(7)}]
@@ -727,7 +727,7 @@ def test_stage_owners_hold_uuids_as_16_bytes_and_any_other_id_as_text_alike() ->
                for k in range(count)]
         ids = [i.upper() if rng.random() < 0.3 else i for i in dict.fromkeys(ids)]
         stages = pa.table({"call_stage_id": pa.array(ids, pa.string()), "call_id": pa.array([call.upper()] * len(ids), pa.string())})
-        owners = owners.replaced(pa.array([call]), stages if ids else None)
+        owners = owners.replaced(pa.array([call]), StageOwners.of(stages if ids else None))
         model = {s: o for s, o in model.items() if o != call.lower()} | {i.lower(): call.lower() for i in ids}
         seen += [i.lower() for i in ids]
     probe = pa.array(sorted(set(seen)) + [stage_uuid(99, 0), "stage-none"])

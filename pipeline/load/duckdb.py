@@ -123,7 +123,7 @@ class DuckDBWarehouse(Warehouse):
         self._base_memory = parse_bytes(memory_limit)
         self._lock = OutputLock(lock_path(path), wait=wait_for_lock, wait_seconds=wait_seconds)
         self._con: duckdb.DuckDBPyConnection | None = None
-        #: Arrow bytes committed since the last checkpoint (their long strings stay in memory until one).
+        #: Bytes of long strings committed since the last checkpoint (they stay in memory until one).
         self._unflushed = 0
         #: Stages committed since long strings made the warehouse checkpoint itself (None: DuckDB does).
         self._deferred_stages: int | None = None

@@ -489,9 +489,9 @@ class StageOwners:
         self.other = other  # string columns
 
     @classmethod
-    def of(cls, rows: pa.Table) -> StageOwners:
-        """Owners of ``rows`` (lowercase string columns)."""
-        rows = rows.combine_chunks()
+    def of(cls, stages: pa.Table | None) -> StageOwners:
+        """The owners ``stages`` name (None: none), copied out of their buffers."""
+        rows = _owner_rows(stages).combine_chunks()
         compact = pc.and_(*(is_uuid(rows[name]) for name in cls.COLUMNS))
         held = rows.filter(compact)
         return cls(pa.table({name: uuid_bytes(held[name].combine_chunks()) for name in cls.COLUMNS}),
@@ -500,7 +500,7 @@ class StageOwners:
     @classmethod
     def load(cls, root: Path, files: Sequence[str], pool: ThreadPoolExecutor) -> StageOwners:
         pieces = _wait_all([pool.submit(pq.read_table, root / rel, columns=list(cls.COLUMNS)) for rel in files])
-        owners = [cls.of(_owner_rows(piece)) for piece in pieces] or [cls.of(_owner_rows(None))]
+        owners = [cls.of(piece) for piece in pieces] or [cls.of(None)]
         return cls(pa.concat_tables([o.rows for o in owners]).combine_chunks(),
                    pa.concat_tables([o.other for o in owners]).combine_chunks())
 
@@ -513,16 +513,14 @@ class StageOwners:
             return text
         return pa.concat_tables([text, self.other.filter(pc.is_in(self.other["call_stage_id"], value_set=stage_ids))])
 
-    def replaced(self, calls: pa.Array, stages: pa.Table | None) -> StageOwners:
-        """After a commit: the stages of ``calls`` are now exactly ``stages``."""
+    def replaced(self, calls: pa.Array, new: StageOwners) -> StageOwners:
+        """After a commit: the stages of ``calls`` are now exactly those ``new`` holds."""
         calls = pc.utf8_lower(calls.cast(pa.string()))
-        new = StageOwners.of(_owner_rows(stages))
         rows = pa.concat_tables([_without(self.rows, uuid_bytes(calls.filter(is_uuid(calls)))), new.rows])
         other = pa.concat_tables([_without(self.other, calls), new.other])
         # Each commit appends a chunk: merge them once they pile up (like the file index).
-        if rows["call_id"].num_chunks > MAX_INDEX_CHUNKS:
-            rows = rows.combine_chunks()
-        return StageOwners(rows, other.combine_chunks() if other["call_id"].num_chunks > MAX_INDEX_CHUNKS else other)
+        rows, other = (t.combine_chunks() if t["call_id"].num_chunks > MAX_INDEX_CHUNKS else t for t in (rows, other))
+        return StageOwners(rows, other)
 
 
 def _without(rows: pa.Table, calls: pa.Array) -> pa.Table:
@@ -1045,10 +1043,8 @@ class ParquetWarehouse(Warehouse):
         # Loaded and 404 calls are replaced as a unit; failed calls keep their rows.
         replaced = batch["call_id"].filter(pc.not_equal(batch["status"], "failed")).combine_chunks()
         groups = _data_groups(tables, replaced)
-        stages = tables.get(schema.CALL_STAGES.name)
-        # Copied out (lowercase): a column of the stages would hold all their buffers to the end.
-        owner_rows = _owner_rows(stages) if stages is not None and self._owners is not None else None
-        del stages
+        # Copied out now: a column of the stages would hold all their buffers to the end.
+        new_owners = StageOwners.of(tables.get(schema.CALL_STAGES.name))
         if isinstance(tables, dict):  # handed over: each folder's rows go once its file is written
             tables.clear()
 
@@ -1063,7 +1059,7 @@ class ParquetWarehouse(Warehouse):
         owners, self._owners = self._owners, None  # unknown until this commit is through
         self._transact(work)
         if owners is not None:
-            self._owners = owners.replaced(replaced, owner_rows)
+            self._owners = owners.replaced(replaced, new_owners)
 
     def _transact(self, work: Callable[[Transaction], None]) -> None:
         with self._writing():
