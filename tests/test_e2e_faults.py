@@ -93,6 +93,63 @@ def test_kill_9_many_times_duckdb(tmp_path, start_sandbox):
     assert_matches(db, expected_for(box.data, box.data.call_ids))
 
 
+def test_a_cap_far_above_the_servers_limit_is_learnt_from_the_first_429s(tmp_path, start_sandbox, cli):
+    """The CLI with --max-rps 1000 against a server admitting 50 requests/s, among other
+    faults: the rate ramps from 200/s, meets the limit once and stays under it (a client
+    that kept its pace would have about three requests in four answered 429), and the
+    warehouse is exact."""
+    box = start_sandbox(n_calls=150, seed=8, latency_ms=20, rate_limit_rps=50, fault_rate=0.05, retry_after="0",
+                        faults=("500", "503", "reset", "truncated", "invalid_json"))
+    db = tmp_path / "w.duckdb"
+    ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+    cfg = config(tmp_path, "max_attempts = 12\ncall_retry_budget = 60\nbackoff_initial_seconds = 0.005\nbackoff_max_seconds = 0.05\n")
+    res = cli("run", "--calls-file", ids, "--output", str(db), "--base-url", box.base_url, "--config", cfg,
+              "--max-rps", "1000", "--page-size", "5")
+    assert res.code == 0, res.stderr
+    assert_matches(db, expected_for(box.data, box.data.call_ids))
+    requests = sum(box.stats.by_status.values())
+    assert 0 < box.stats.throttled <= 0.1 * requests, (box.stats.throttled, requests)
+
+
+def test_killed_while_big_prompts_wait_in_the_wal_for_a_checkpoint_then_rerun_is_exact(tmp_path):
+    """100 KB prompts make the DuckDB output hold off DuckDB's own checkpoints until a row
+    group's worth of stages came in: what was committed before a kill -9 is only in the
+    WAL, and a SIGTERM stops while stages wait there. The rerun ends exact, every prompt
+    whole."""
+    from pipeline.sandbox import Sandbox, SandboxOptions, SyntheticData
+
+    box = Sandbox(SyntheticData(n_calls=120, seed=6, big_prompts=True), SandboxOptions(api_key=KEY, latency_ms=5))
+    box.start()
+    try:
+        db = tmp_path / "w.duckdb"
+        wal = tmp_path / "w.duckdb.wal"
+        ids = str(write_ids(tmp_path / "ids.txt", box.data.call_ids))
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(RETRY_FAST + "batch_stages = 40\n")
+        args = ["--calls-file", ids, "--output", str(db), "--base-url", box.base_url, "--config", str(cfg),
+                "--refresh", "--concurrency", "4"]
+        for sig, code in [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)]:
+            fetched_before = box.stats.stage_requests
+            proc = _spawn_run(args, _env())
+            _wait_until_fetching(proc, box, fetched_before)  # opened: the last WAL is replayed and gone
+            deadline = time.monotonic() + 60  # a hang guard, not a timing assertion
+            while not (wal.exists() and wal.stat().st_size > 1 << 20):  # committed, long strings in the WAL
+                assert proc.poll() is None, f"the run ended before committing big prompts: {proc.stderr.read()}"
+                assert time.monotonic() < deadline, "no commit reached the WAL"
+                time.sleep(0.005)
+            proc.send_signal(sig)
+            assert proc.wait() == code, proc.stderr.read()
+        final = invoke_cli("run", *args[:-3])
+        assert final.code == 0, final.stderr
+        assert_matches(db, expected_for(box.data, box.data.call_ids))
+        served = sorted(len(s["systemPrompt"] or "") for c in box.data.call_ids for s in box.data.stages_for(c))
+        with duckdb.connect(str(db), read_only=True) as con:
+            stored = sorted(n for (n,) in con.execute("SELECT coalesce(length(system_prompt), 0) FROM call_stages").fetchall())
+        assert stored == served and served[-1] >= 100_000
+    finally:
+        box.stop()
+
+
 def test_overlapping_run_exits_2_naming_the_holder_or_waits(tmp_path, start_sandbox, cli):
     box = start_sandbox(n_calls=60, latency_ms=100)
     db = tmp_path / "w.duckdb"
